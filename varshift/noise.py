@@ -1,0 +1,274 @@
+"""Dropout kinds: sampling, and the moments the closed forms need.
+
+Every kind is written as what it does to one element ``x`` in training; at test time dropout
+is the identity, except non-inverted ("vanilla") dropout which scales by the keep probability.
+
+==========  =======================================================  ==================
+kind        training output                                          ``kappa``
+==========  =======================================================  ==================
+bernoulli   ``x * a / q``, ``a ~ Bernoulli(q)`` (every framework)    ``1/q``
+vanilla     ``x * a`` (test: ``q * x``)                              ``1/q``
+gaussian    ``x * m``, ``m ~ Normal(1, r/q)`` (Keras GaussianDropout) ``1/q``
+uout        ``x * (1 + u)``, ``u ~ Uniform(-beta, beta)`` (Li et al.) ``1 + beta²/3``
+alpha       ``a * (x*k + alpha'*(1-k)) + b``, ``k ~ Bernoulli(q)``   (not multiplicative)
+==========  =======================================================  ==================
+
+``kappa = E[m²] / E[m]²`` is the relative second moment of the multiplicative noise. Alpha
+dropout uses PyTorch's and Keras' constants (``aten/src/ATen/native/Dropout.cpp``,
+``keras/src/layers/regularization/alpha_dropout.py``): ``alpha' = -1.7580993408473766``,
+``a = ((1 - r)(1 + r alpha'²))^(-1/2)``, ``b = -a alpha' r``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import stats
+
+from varshift.conventions import keep_from_rate
+from varshift.errors import ValidationError
+from varshift.validate import check_choice, check_finite, check_range
+
+DROPOUT_KINDS: tuple[str, ...] = ("bernoulli", "vanilla", "gaussian", "uout", "alpha")
+
+#: SELU ``scale * alpha``, negated: the value alpha dropout assigns to a dropped unit.
+ALPHA_PRIME = -1.7580993408473766
+
+FloatArray = NDArray[np.floating]
+
+
+@dataclass(frozen=True)
+class InputMoments:
+    """Raw moments ``E[x^k]``, k = 1..4, of one feature of the dropout input.
+
+    Examples
+    --------
+    >>> m = InputMoments.normal(2.0, 9.0)
+    >>> (m.mean, m.var, m.mu4)
+    (2.0, 9.0, 243.0)
+    """
+
+    m1: float
+    m2: float
+    m3: float
+    m4: float
+
+    @property
+    def mean(self) -> float:
+        """``c = E[x]``."""
+        return self.m1
+
+    @property
+    def var(self) -> float:
+        """``v = Var[x]`` (population variance)."""
+        return self.m2 - self.m1**2
+
+    @property
+    def mu4(self) -> float:
+        """Central fourth moment ``E[(x - c)^4]``."""
+        m1 = self.m1
+        return self.m4 - 4 * m1 * self.m3 + 6 * m1**2 * self.m2 - 3 * m1**4
+
+    def scaled(self, k: float) -> InputMoments:
+        """Moments of ``k * x``."""
+        return InputMoments(k * self.m1, k**2 * self.m2, k**3 * self.m3, k**4 * self.m4)
+
+    @classmethod
+    def normal(cls, mean: float, var: float) -> InputMoments:
+        """Moments of ``Normal(mean, var)``."""
+        c = check_finite("mean", mean)
+        v = check_range("var", var, 0.0, None)
+        return cls(c, c**2 + v, c**3 + 3 * c * v, c**4 + 6 * c**2 * v + 3 * v**2)
+
+    @classmethod
+    def uniform(cls, mean: float, var: float) -> InputMoments:
+        """Moments of the uniform distribution with this mean and variance."""
+        c = check_finite("mean", mean)
+        v = check_range("var", var, 0.0, None)
+        half = math.sqrt(3.0 * v)
+        lo, hi = c - half, c + half
+        if half == 0.0:
+            return cls(c, c**2, c**3, c**4)
+        raw = [(hi ** (k + 1) - lo ** (k + 1)) / ((k + 1) * (hi - lo)) for k in range(1, 5)]
+        return cls(*raw)
+
+    @classmethod
+    def relu_normal(cls, mean: float, var: float) -> InputMoments:
+        """Moments of ``max(0, z)``, ``z ~ Normal(mean, var)`` (what follows BN → ReLU).
+
+        Uses ``E[w^j 1{w > a}] = a^(j-1) phi(a) + (j-1) E[w^(j-2) 1{w > a}]`` for a standard
+        normal ``w`` and ``a = -mean/sd``.
+        """
+        mu = check_finite("mean", mean)
+        v = check_range("var", var, 0.0, None)
+        sd = math.sqrt(v)
+        if sd == 0.0:
+            z = max(mu, 0.0)
+            return cls(z, z**2, z**3, z**4)
+        a = -mu / sd
+        phi = float(stats.norm.pdf(a))
+        tail = [float(stats.norm.sf(a)), phi]
+        for j in range(2, 5):
+            tail.append(a ** (j - 1) * phi + (j - 1) * tail[j - 2])
+        raw = [
+            sum(math.comb(k, j) * mu ** (k - j) * sd**j * tail[j] for j in range(k + 1))
+            for k in range(1, 5)
+        ]
+        return cls(*raw)
+
+    @classmethod
+    def from_samples(cls, x: FloatArray) -> InputMoments:
+        """Empirical raw moments of a sample (computed in float64)."""
+        y = np.asarray(x, dtype=np.float64).ravel()
+        if y.size == 0:
+            raise ValidationError("samples must not be empty; got 0 values")
+        y2 = y * y
+        return cls(float(y.mean()), float(y2.mean()), float((y2 * y).mean()), float((y2 * y2).mean()))
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """One dropout kind at one rate.
+
+    Parameters
+    ----------
+    kind:
+        ``bernoulli`` (inverted; every framework's default), ``vanilla`` (non-inverted),
+        ``gaussian``, ``uout`` or ``alpha``.
+    rate:
+        Probability of dropping a unit, in ``[0, 1)``. Ignored by ``uout``, whose noise is set
+        by ``beta`` alone.
+    beta:
+        Half-width of uout's uniform noise, ``u ~ Uniform(-beta, beta)``; ``beta >= 0``.
+    """
+
+    kind: str = "bernoulli"
+    rate: float = 0.5
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", check_choice("dropout", self.kind, DROPOUT_KINDS))
+        check_range("rate", self.rate, 0.0, 1.0, closed="left")
+        check_range("beta", self.beta, 0.0, None)
+
+    @property
+    def keep(self) -> float:
+        """Keep probability ``q = 1 - rate``."""
+        return keep_from_rate(self.rate)
+
+    @property
+    def multiplicative(self) -> bool:
+        """True if the training output is ``x * m`` with ``m`` independent of ``x``."""
+        return self.kind != "alpha"
+
+    def mask_moments(self) -> tuple[float, float, float, float]:
+        """Raw moments ``E[m^k]``, k = 1..4, of the multiplicative noise ``m``."""
+        q, r = self.keep, self.rate
+        if self.kind == "bernoulli":
+            return (1.0, 1.0 / q, 1.0 / q**2, 1.0 / q**3)
+        if self.kind == "vanilla":
+            return (q, q, q, q)
+        if self.kind == "gaussian":
+            s2 = r / q
+            return (1.0, 1.0 + s2, 1.0 + 3 * s2, 1.0 + 6 * s2 + 3 * s2**2)
+        if self.kind == "uout":
+            b2 = self.beta**2
+            return (1.0, 1.0 + b2 / 3, 1.0 + b2, 1.0 + 2 * b2 + b2**2 / 5)
+        raise ValidationError("dropout 'alpha' is not multiplicative; it has no mask moments")
+
+    @property
+    def kappa(self) -> float:
+        """``kappa = E[m²] / E[m]²``; for bernoulli ``1/q``. Alpha dropout has none."""
+        e1, e2, _, _ = self.mask_moments()
+        return e2 / e1**2
+
+    @property
+    def test_scale(self) -> float:
+        """The factor dropout applies at test time: ``q`` for vanilla, 1 otherwise."""
+        return self.keep if self.kind == "vanilla" else 1.0
+
+    def _alpha_affine(self) -> tuple[float, float, float]:
+        """``(a, b, d)``: kept units map to ``a x + b``, dropped ones to ``d = a alpha' + b``."""
+        q, r = self.keep, self.rate
+        a = 1.0 / math.sqrt(q * (1.0 + r * ALPHA_PRIME**2))
+        b = -a * ALPHA_PRIME * r
+        return a, b, a * ALPHA_PRIME + b
+
+    def train_moments(self, x: InputMoments) -> InputMoments:
+        """Raw moments of the training-mode output for input moments ``x``."""
+        if self.multiplicative:
+            e = self.mask_moments()
+            return InputMoments(e[0] * x.m1, e[1] * x.m2, e[2] * x.m3, e[3] * x.m4)
+        q, r = self.keep, self.rate
+        a, b, d = self._alpha_affine()
+        xs = (1.0, x.m1, x.m2, x.m3, x.m4)
+        raw = [
+            q * sum(math.comb(k, j) * a**j * xs[j] * b ** (k - j) for j in range(k + 1))
+            + r * d**k
+            for k in range(1, 5)
+        ]
+        return InputMoments(*raw)
+
+    def test_moments(self, x: InputMoments) -> InputMoments:
+        """Raw moments of the test-mode output (identity, or ``q x`` for vanilla)."""
+        return x.scaled(self.test_scale)
+
+    def train_mean_var(self, c: float, v: float) -> tuple[float, float]:
+        """Mean and population variance of the training output for input mean ``c``, variance ``v``.
+
+        Only the first two input moments matter. Bernoulli: ``(c, (1/q)(c² + v) - c²)``.
+        """
+        m = self.train_moments(InputMoments(c, c * c + v, 0.0, 0.0))
+        return m.m1, m.m2 - m.m1**2
+
+    def test_from_train(self, mean: float, var: float) -> tuple[float, float]:
+        """Invert :meth:`train_mean_var`: the test-time mean and variance the layer will see.
+
+        ``mean``/``var`` are the population mean and variance of the training-mode output.
+        Multiplicative kinds: ``(mean, (V + mu²)/kappa - mu²)``; alpha dropout solves its affine
+        mixture for the input moments. The result may be negative for inconsistent inputs; the
+        caller decides what to do with that.
+        """
+        if self.multiplicative:
+            return mean, (var + mean * mean) / self.kappa - mean * mean
+        q, r = self.keep, self.rate
+        a, b, d = self._alpha_affine()
+        second = var + mean * mean
+        c = (mean - q * b - r * d) / (q * a)
+        x2 = (second - r * d * d - q * b * b - 2 * q * a * b * c) / (q * a * a)
+        return c, x2 - c * c
+
+    def sample_noise(
+        self, shape: tuple[int, ...], rng: np.random.Generator, dtype: type = np.float64
+    ) -> FloatArray:
+        """Draw the noise for ``shape`` elements: ``m`` (multiplicative) or the keep indicator."""
+        q = self.keep
+        if self.kind == "bernoulli":
+            return (rng.random(shape, dtype=dtype) < q).astype(dtype) / dtype(q)
+        if self.kind in ("vanilla", "alpha"):
+            return (rng.random(shape, dtype=dtype) < q).astype(dtype)
+        if self.kind == "gaussian":
+            sd = math.sqrt(self.rate / q)
+            return (1.0 + sd * rng.standard_normal(shape, dtype=dtype)).astype(dtype)
+        return (1.0 + self.beta * (2.0 * rng.random(shape, dtype=dtype) - 1.0)).astype(dtype)
+
+    def apply(self, x: FloatArray, noise: FloatArray) -> FloatArray:
+        """Training-mode output for input ``x`` and noise from :meth:`sample_noise`."""
+        if self.multiplicative:
+            return x * noise
+        a, b, d = self._alpha_affine()
+        return np.where(noise > 0, a * x + b, d).astype(np.result_type(x, noise))
+
+    def sample(self, x: FloatArray, rng: np.random.Generator) -> FloatArray:
+        """Training-mode output with fresh element-wise noise."""
+        xa = np.asarray(x)
+        dtype = np.float32 if xa.dtype == np.float32 else np.float64
+        return self.apply(xa, self.sample_noise(xa.shape, rng, dtype))
+
+
+def make_dropout(kind: str = "bernoulli", rate: float = 0.5, beta: float = 0.1) -> Dropout:
+    """Build a validated :class:`Dropout`."""
+    return Dropout(kind=kind, rate=rate, beta=beta)

@@ -1,0 +1,69 @@
+"""Boundary checks: each raises :class:`ValidationError` naming the parameter, value and rule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from varshift.errors import ValidationError
+
+
+def _fmt(value: object) -> str:
+    return repr(value) if isinstance(value, str) else f"{value}"
+
+
+def check_finite(name: str, value: float) -> float:
+    """Return ``float(value)``; reject NaN and infinities."""
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValidationError(f"{name} must be a finite number; got {_fmt(value)}")
+    return x
+
+
+def check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    closed: str = "both",
+) -> float:
+    """Return ``float(value)`` if it lies in the interval; ``closed`` is both|left|right|neither."""
+    x = check_finite(name, value)
+    lo_ok = low is None or (x >= low if closed in ("both", "left") else x > low)
+    hi_ok = high is None or (x <= high if closed in ("both", "right") else x < high)
+    if lo_ok and hi_ok:
+        return x
+    if high is None:
+        rule = f">= {low}" if closed in ("both", "left") else f"> {low}"
+    elif low is None:
+        rule = f"<= {high}" if closed in ("both", "right") else f"< {high}"
+    else:
+        left = "[" if closed in ("both", "left") else "("
+        right = "]" if closed in ("both", "right") else ")"
+        rule = f"in {left}{low}, {high}{right}"
+    raise ValidationError(f"{name} must be {rule}; got {_fmt(value)}")
+
+
+def check_int(name: str, value: int, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` if it is an integer within ``[low, high]``."""
+    if isinstance(value, bool) or int(value) != value:
+        raise ValidationError(f"{name} must be an integer; got {_fmt(value)}")
+    v = int(value)
+    if (low is not None and v < low) or (high is not None and v > high):
+        if high is None:
+            rule = f">= {low}"
+        elif low is None:
+            rule = f"<= {high}"
+        else:
+            rule = f"in [{low}, {high}]"
+        raise ValidationError(f"{name} must be an integer {rule}; got {v}")
+    return v
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices`` (case-insensitive), normalised to lower case."""
+    v = str(value).lower()
+    if v not in choices:
+        raise ValidationError(f"{name} must be one of {', '.join(choices)}; got {_fmt(value)}")
+    return v
