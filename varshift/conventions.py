@@ -1,4 +1,4 @@
-"""Framework BatchNorm conventions and the one place where a dropout rate becomes a keep probability.
+"""Framework BatchNorm conventions; the one place where a dropout rate becomes a keep probability.
 
 Every framework's momentum is normalised to a decay ``alpha`` (the weight of the old value)::
 
@@ -100,7 +100,7 @@ _TF_FUSED_MIN_EPS = 1.001e-5
 
 def resolve_preset(
     framework: str = "torch",
-    momentum: float | None | str = "default",
+    momentum: float | str | None = "default",
     eps: float | None = None,
 ) -> Preset:
     """Return the preset for ``framework`` with an optional momentum and eps override.

@@ -84,6 +84,17 @@ class InputMoments:
         return cls(c, c**2 + v, c**3 + 3 * c * v, c**4 + 6 * c**2 * v + 3 * v**2)
 
     @classmethod
+    def from_central(cls, mean: float, var: float, mu3: float, mu4: float) -> InputMoments:
+        """Moments from the mean, variance and third and fourth central moments."""
+        c = mean
+        return cls(
+            c,
+            var + c**2,
+            mu3 + 3 * c * var + c**3,
+            mu4 + 4 * c * mu3 + 6 * c**2 * var + c**4,
+        )
+
+    @classmethod
     def uniform(cls, mean: float, var: float) -> InputMoments:
         """Moments of the uniform distribution with this mean and variance."""
         c = check_finite("mean", mean)
@@ -126,7 +137,9 @@ class InputMoments:
         if y.size == 0:
             raise ValidationError("samples must not be empty; got 0 values")
         y2 = y * y
-        return cls(float(y.mean()), float(y2.mean()), float((y2 * y).mean()), float((y2 * y2).mean()))
+        return cls(
+            float(y.mean()), float(y2.mean()), float((y2 * y).mean()), float((y2 * y2).mean())
+        )
 
 
 @dataclass(frozen=True)
@@ -206,8 +219,7 @@ class Dropout:
         a, b, d = self._alpha_affine()
         xs = (1.0, x.m1, x.m2, x.m3, x.m4)
         raw = [
-            q * sum(math.comb(k, j) * a**j * xs[j] * b ** (k - j) for j in range(k + 1))
-            + r * d**k
+            q * sum(math.comb(k, j) * a**j * xs[j] * b ** (k - j) for j in range(k + 1)) + r * d**k
             for k in range(1, 5)
         ]
         return InputMoments(*raw)
@@ -247,7 +259,7 @@ class Dropout:
         """Draw the noise for ``shape`` elements: ``m`` (multiplicative) or the keep indicator."""
         q = self.keep
         if self.kind == "bernoulli":
-            return (rng.random(shape, dtype=dtype) < q).astype(dtype) / dtype(q)
+            return np.asarray((rng.random(shape, dtype=dtype) < q).astype(dtype) / dtype(q))
         if self.kind in ("vanilla", "alpha"):
             return (rng.random(shape, dtype=dtype) < q).astype(dtype)
         if self.kind == "gaussian":

@@ -9,6 +9,8 @@ from varshift.errors import ValidationError
 
 
 def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
     return repr(value) if isinstance(value, str) else f"{value}"
 
 
@@ -35,13 +37,13 @@ def check_range(
     if lo_ok and hi_ok:
         return x
     if high is None:
-        rule = f">= {low}" if closed in ("both", "left") else f"> {low}"
+        rule = f">= {low:g}" if closed in ("both", "left") else f"> {low:g}"
     elif low is None:
-        rule = f"<= {high}" if closed in ("both", "right") else f"< {high}"
+        rule = f"<= {high:g}" if closed in ("both", "right") else f"< {high:g}"
     else:
         left = "[" if closed in ("both", "left") else "("
         right = "]" if closed in ("both", "right") else ")"
-        rule = f"in {left}{low}, {high}{right}"
+        rule = f"in {left}{low:g}, {high:g}{right}"
     raise ValidationError(f"{name} must be {rule}; got {_fmt(value)}")
 
 
