@@ -192,6 +192,18 @@ class Dropout:
             return (1.0, 1.0 + b2 / 3, 1.0 + b2, 1.0 + 2 * b2 + b2**2 / 5)
         raise ValidationError("dropout 'alpha' is not multiplicative; it has no mask moments")
 
+    def mask_variance(self) -> float:
+        """``Var[m]``, written without cancellation: ``r/q`` (bernoulli, gaussian), ``q r``
+        (vanilla), ``beta²/3`` (uout)."""
+        q, r = self.keep, self.rate
+        if self.kind in ("bernoulli", "gaussian"):
+            return r / q
+        if self.kind == "vanilla":
+            return q * r
+        if self.kind == "uout":
+            return self.beta**2 / 3
+        raise ValidationError("dropout 'alpha' is not multiplicative; it has no mask moments")
+
     @property
     def kappa(self) -> float:
         """``kappa = E[m²] / E[m]²``; for bernoulli ``1/q``. Alpha dropout has none."""
@@ -231,8 +243,12 @@ class Dropout:
     def train_mean_var(self, c: float, v: float) -> tuple[float, float]:
         """Mean and population variance of the training output for input mean ``c``, variance ``v``.
 
-        Only the first two input moments matter. Bernoulli: ``(c, (1/q)(c² + v) - c²)``.
+        Only the first two input moments matter. Bernoulli: ``(c, (1/q)(c² + v) - c²)``,
+        evaluated as ``E[m²] v + Var[m] c²`` to avoid cancellation when ``c² >> v``.
         """
+        if self.multiplicative:
+            e1, e2, _, _ = self.mask_moments()
+            return e1 * c, e2 * v + self.mask_variance() * c * c
         m = self.train_moments(InputMoments(c, c * c + v, 0.0, 0.0))
         return m.m1, m.m2 - m.m1**2
 
@@ -240,12 +256,14 @@ class Dropout:
         """Invert :meth:`train_mean_var`: the test-time mean and variance the layer will see.
 
         ``mean``/``var`` are the population mean and variance of the training-mode output.
-        Multiplicative kinds: ``(mean, (V + mu²)/kappa - mu²)``; alpha dropout solves its affine
-        mixture for the input moments. The result may be negative for inconsistent inputs; the
-        caller decides what to do with that.
+        Multiplicative kinds: ``(mean, (V + mu²)/kappa - mu²)``, evaluated as
+        ``(E[m]² V - Var[m] mu²) / E[m²]``; alpha dropout solves its affine mixture for the input
+        moments. The result may be negative for inconsistent inputs; the caller decides what to
+        do with that.
         """
         if self.multiplicative:
-            return mean, (var + mean * mean) / self.kappa - mean * mean
+            e1, e2, _, _ = self.mask_moments()
+            return mean, (e1 * e1 * var - self.mask_variance() * mean * mean) / e2
         q, r = self.keep, self.rate
         a, b, d = self._alpha_affine()
         second = var + mean * mean

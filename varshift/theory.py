@@ -220,7 +220,7 @@ def sample_variance_variance(var: float, mu4: float, n: int, *, unbiased: bool =
 
     Examples
     --------
-    >>> sample_variance_variance(1.0, 3.0, 11)  # normal: 2 var²/(n-1)
+    >>> round(sample_variance_variance(1.0, 3.0, 11), 12)  # normal: 2 var²/(n-1)
     0.2
     """
     n = check_int("batch_size", n, 2)
