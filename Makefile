@@ -24,8 +24,8 @@ demo: $(VENV)/.core
 	$(BIN)/varshift $(DEMO)
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check varshift tests bench
-	$(BIN)/ruff format --check varshift tests bench
+	$(BIN)/ruff check varshift tests $(wildcard bench)
+	$(BIN)/ruff format --check varshift tests $(wildcard bench)
 
 typecheck: $(VENV)/.test
 	$(BIN)/mypy
