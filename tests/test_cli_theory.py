@@ -158,3 +158,75 @@ def test_terminal_table_renders_in_a_fixed_width_console() -> None:
     text = console.export_text()
     assert "E[m²]/E[m]² of the noise" in text  # brackets are not eaten as markup
     assert "shift_ratio" in text and "0.8" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "kind"),
+    [
+        (["--framework", "keras", "--mean", "5", "--std", "2"], "bernoulli"),
+        (["--framework", "torch", "--dropout", "gaussian", "--mean", "1"], "gaussian"),
+        (["--framework", "flax", "--dropout", "alpha", "--mean", "-1", "--var", "2"], "alpha"),
+        (["--framework", "tf-keras", "--dropout", "uout", "--beta", "0.5"], "uout"),
+    ],
+)
+def test_printed_numbers_agree_with_monte_carlo(args: list[str], kind: str) -> None:
+    """An independent simulation of `reps` training runs: fresh batches, EMA from 1."""
+    import numpy as np
+
+    n, steps, reps, rate = 16, 150, 3000, 0.3
+    code, out, _ = run(
+        "theory",
+        "--rate",
+        str(rate),
+        "--batch-size",
+        str(n),
+        "--steps",
+        str(steps),
+        "-f",
+        "json",
+        *args,
+    )
+    assert code == 0
+    (row,) = json.loads(out)["rows"]
+    rng = np.random.default_rng(99)
+    c, v = row["mean"], row["var"]
+    q = 1 - rate
+    alpha, ddof = row["alpha"], 0 if row["framework"] in ("keras", "flax") else 1
+    a_ = 1 / math.sqrt(q * (1 + rate * 1.7580993408473766**2))
+
+    def drop(x: np.ndarray) -> np.ndarray:  # the frameworks' formulas, written out again
+        if kind == "bernoulli":
+            return x * (rng.random(x.shape) < q) / q
+        if kind == "gaussian":
+            return x * rng.normal(1.0, math.sqrt(rate / q), x.shape)
+        if kind == "uout":
+            return x * (1 + rng.uniform(-0.5, 0.5, x.shape))
+        kept = rng.random(x.shape) < q
+        return a_ * np.where(kept, x, -1.7580993408473766) + a_ * 1.7580993408473766 * rate
+
+    running = np.ones(reps)
+    batch_vars = []
+    for _ in range(steps):
+        s = drop(rng.normal(c, math.sqrt(v), (reps, n))).var(axis=1, ddof=ddof)
+        batch_vars.append(s[:100])
+        running = alpha * running + (1 - alpha) * s
+    one = np.concatenate(batch_vars)
+    assert abs(one.mean() - row["stored_batch_var"]) < 4.5 * row["stored_batch_var_sd"] / math.sqrt(
+        one.size
+    )
+    kurt = float(np.mean((one - one.mean()) ** 4) / one.var() ** 2)
+    assert abs(one.std() - row["stored_batch_var_sd"]) < 4.5 * row[
+        "stored_batch_var_sd"
+    ] * math.sqrt((kurt - 1) / (4 * one.size))
+    assert abs(running.mean() - row["running_var"]) < 4.5 * row["running_var_sd"] / math.sqrt(reps)
+    kurt = float(np.mean((running - running.mean()) ** 4) / running.var() ** 2)
+    assert abs(running.std() - row["running_var_sd"]) < 4.5 * row["running_var_sd"] * math.sqrt(
+        (kurt - 1) / (4 * reps)
+    )
+    # The population train/test variances, by a large single sample.
+    x = rng.normal(c, math.sqrt(v), 2_000_000)
+    y = drop(x)
+    yc = y - y.mean()
+    se = math.sqrt((np.mean(yc**4) - np.mean(yc**2) ** 2) / y.size)
+    assert abs(y.var() - row["train_var"]) < 4.5 * se
+    assert row["shift_ratio"] == pytest.approx(row["test_var"] / row["train_var"])
