@@ -14,9 +14,10 @@ import typer
 
 from varshift import __version__
 from varshift.cli._common import app
+from varshift.cli.cmd_check import check
 from varshift.cli.cmd_theory import theory
 
-__all__ = ["app", "main", "theory"]
+__all__ = ["app", "check", "main", "theory"]
 
 
 def _version(value: bool) -> None:

@@ -12,7 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 import pandas as pd
 import typer
 
-from varshift.errors import ValidationError, VarshiftError
+from varshift.errors import RegressionFound, ValidationError, VarshiftError
 from varshift.render import frame_table, stdout_console
 from varshift.report import atomic_write, render_text
 
@@ -71,7 +71,8 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except VarshiftError as exc:
-            typer.echo(f"varshift: error: {exc}", err=True)
+            label = "check failed" if isinstance(exc, RegressionFound) else "error"
+            typer.echo(f"varshift: {label}: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper

@@ -1,0 +1,193 @@
+"""`varshift check`: the comparison rule, CI outputs, exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from typer.testing import CliRunner
+
+from varshift.check import Metric, compare, parse_rule
+from varshift.cli import app
+from varshift.errors import ValidationError
+
+runner = CliRunner()
+
+
+def write_report(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text(json.dumps({"metadata": {"suite": "test"}, "rows": rows}))
+    return path
+
+
+def base_rows() -> list[dict[str, object]]:
+    return [
+        {
+            "scenario": "classic",
+            "metric": "shift_ratio",
+            "value": 0.36,
+            "sd": 0.01,
+            "better": "higher",
+        },
+        {
+            "scenario": "classic",
+            "metric": "correction_error",
+            "value": 0.02,
+            "sd": 0.005,
+            "better": "lower",
+        },
+        {"scenario": "theory", "metric": "train_var", "value": 11.25, "sd": 0.0},
+    ]
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    r = runner.invoke(app, list(args), env=env)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_same_report_passes(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", base_rows())
+    code, _, err = invoke("check", str(b), "--baseline", str(b))
+    assert code == 0 and "varshift check: ok: 3 metrics (3 unchanged)" in err
+
+
+def test_noise_within_the_band_passes_and_beyond_it_fails(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", base_rows())
+    rows = base_rows()
+    rows[0]["value"] = 0.36 - 3.9 * math.hypot(0.01, 0.01)  # inside z = 4
+    ok = write_report(tmp_path / "ok.json", rows)
+    assert invoke("check", str(ok), "--baseline", str(b))[0] == 0
+    rows[0]["value"] = 0.36 - 4.1 * math.hypot(0.01, 0.01)  # outside: worse (higher is better)
+    bad = write_report(tmp_path / "bad.json", rows)
+    code, out, err = invoke("check", str(bad), "--baseline", str(b), "-f", "md")
+    assert code == 1
+    assert "classic/shift_ratio" in err and "worse" in out
+    rows[0]["value"] = 0.36 + 4.1 * math.hypot(0.01, 0.01)  # outside, but better
+    better = write_report(tmp_path / "better.json", rows)
+    code, out, _ = invoke("check", str(better), "--baseline", str(b), "--all", "-f", "csv")
+    assert code == 0 and ",better," in out
+
+
+def test_a_deterministic_metric_fails_on_any_change_beyond_rtol(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", base_rows())
+    rows = base_rows()
+    rows[2]["value"] = 11.25 * (1 + 1e-4)  # a wrong formula, say
+    cur = write_report(tmp_path / "c.json", rows)
+    code, out, _ = invoke("check", str(cur), "--baseline", str(b), "-f", "json")
+    assert code == 1
+    doc = json.loads(out)
+    (row,) = [r for r in doc["rows"] if r["metric"] == "train_var"]
+    assert row["mark"] == "changed" and row["regressed"] is True
+    assert invoke("check", str(cur), "--baseline", str(b), "--rtol", "1e-3")[0] == 0
+
+
+def test_regressions_are_named_in_every_output_format(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", base_rows())
+    rows = base_rows()
+    rows[1]["value"] = 0.2  # correction error grew: worse
+    cur = write_report(tmp_path / "c.json", rows)
+    summary = tmp_path / "summary.md"
+    summary.write_text("# earlier step\n")
+    code, out, _ = invoke(
+        "check",
+        str(cur),
+        "--baseline",
+        str(b),
+        "--junit",
+        str(tmp_path / "j.xml"),
+        "--markdown",
+        str(tmp_path / "m.md"),
+        "-f",
+        "md",
+        env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)},
+    )
+    assert code == 1
+    root = ET.parse(tmp_path / "j.xml").getroot()
+    failures = root.findall(".//failure")
+    assert len(failures) == 1 and "classic/correction_error worse" in failures[0].attrib["message"]
+    assert len(root.findall(".//testcase")) == 3
+    assert "correction_error" in (tmp_path / "m.md").read_text()
+    assert (
+        summary.read_text().startswith("# earlier step\n")
+        and "correction_error" in summary.read_text()
+    )
+    assert "::error title=varshift check::classic/correction_error worse" in out
+
+
+def test_fail_if_rules(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", base_rows())
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "shift_ratio < 0.9")
+    assert code == 1 and "classic/shift_ratio" in err
+    assert (
+        invoke("check", str(b), "--baseline", str(b), "--fail-if", "classic/shift_ratio < 0.1")[0]
+        == 0
+    )
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "nothing > 1")
+    assert code == 2 and "fail-if rule 'nothing > 1' matches no metric" in err
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "shift_ratio ~ 1")
+    assert code == 2 and "fail-if must look like 'METRIC OP NUMBER'" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "the file is empty"),
+        ("{not json", "not a JSON report"),
+        ('{"metadata": {}}', "not a varshift report"),
+        ('{"rows": []}', "the report has no rows"),
+        (
+            '{"rows": [{"scenario": "a", "metric": "m", "value": "x"}]}',
+            "column value must be a number",
+        ),
+    ],
+)
+def test_malformed_reports_exit_2(tmp_path: Path, content: str, message: str) -> None:
+    b = write_report(tmp_path / "b.json", base_rows())
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    code, _, err = invoke("check", str(bad), "--baseline", str(b))
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_mismatched_reports_exit_2(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", base_rows())
+    cur = write_report(tmp_path / "c.json", base_rows()[:2])
+    code, _, err = invoke("check", str(cur), "--baseline", str(b))
+    assert code == 2 and "reports do not match" in err and "theory/train_var" in err
+    code, _, err = invoke("check", str(tmp_path / "missing.json"), "--baseline", str(b))
+    assert code == 2 and "missing.json: no such file" in err
+
+
+def test_outputs_are_not_overwritten_without_force(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", base_rows())
+    (tmp_path / "j.xml").write_text("keep")
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--junit", str(tmp_path / "j.xml"))
+    assert code == 2 and "already exists" in err and (tmp_path / "j.xml").read_text() == "keep"
+
+
+def test_parse_rule() -> None:
+    assert parse_rule("a/b_* >= -1e-3").op == ">="
+    with pytest.raises(ValidationError):
+        parse_rule("x < y")
+
+
+def test_false_alarm_rate_of_the_rule_is_nominal() -> None:
+    """Two honest noisy measurements of the same quantity: alarms at the two-sided z rate."""
+    rng = np.random.default_rng(4)
+    n, z = 20_000, 2.0
+    sd = rng.uniform(0.1, 3.0, n)
+    truth = rng.normal(size=n)
+    base = {
+        ("s", str(i)): Metric("s", str(i), truth[i] + sd[i] * rng.normal(), sd[i]) for i in range(n)
+    }
+    cur = {
+        ("s", str(i)): Metric("s", str(i), truth[i] + sd[i] * rng.normal(), sd[i]) for i in range(n)
+    }
+    result = compare(base, cur, z=z, rtol=0, atol=0)
+    rate = sum(c.mark != "unchanged" for c in result.comparisons) / n
+    nominal = 2 * stats.norm.sf(z)
+    assert abs(rate - nominal) < 4 * math.sqrt(nominal * (1 - nominal) / n)

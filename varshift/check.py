@@ -1,0 +1,474 @@
+"""Compare a report (or checkpoint statistics) against a baseline, metric by metric.
+
+A *metric* is one number with an optional noise band (its standard deviation) and an
+orientation (``higher`` or ``lower`` is better, or ``none``). A difference counts only when it
+exceeds the tolerance::
+
+    threshold = max(z * sqrt(sd_baseline² + sd_current²), atol + rtol * |baseline|)
+
+so noisy Monte-Carlo metrics are compared at ``z`` standard errors and deterministic ones
+(``sd = 0``) at ``rtol``/``atol``. A significant change is ``better`` or ``worse`` per the
+orientation, or ``changed`` when the metric has none; ``worse`` and ``changed`` are regressions.
+Explicit rules (``shift_ratio < 0.9``) fail on the current value alone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import operator
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from varshift.errors import InputFileError, ValidationError
+from varshift.validate import check_range
+
+#: Orientation of metrics in reports that do not state one, by glob on the metric name.
+DEFAULT_ORIENTATION: tuple[tuple[str, str], ...] = (
+    ("shift_ratio*", "higher"),
+    ("*_error", "lower"),
+    ("*abs_err*", "lower"),
+)
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One comparable number: ``value`` with noise sd ``sd`` (0 if deterministic)."""
+
+    scenario: str
+    name: str
+    value: float
+    sd: float = 0.0
+    better: str = "none"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(scenario, name)``: how a metric is matched between two reports."""
+        return (self.scenario, self.name)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An explicit ``--fail-if`` rule: ``pattern op threshold`` on the current value."""
+
+    pattern: str
+    op: str
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.pattern} {self.op} {self.threshold:g}"
+
+    def matches(self, metric: Metric) -> bool:
+        """True if the rule's pattern names this metric (``name`` or ``scenario/name``)."""
+        full = f"{metric.scenario}/{metric.name}"
+        return fnmatch.fnmatchcase(metric.name, self.pattern) or fnmatch.fnmatchcase(
+            full, self.pattern
+        )
+
+    def violated_by(self, metric: Metric) -> bool:
+        """True if the current value satisfies the failure condition."""
+        return self.matches(metric) and _OPS[self.op](metric.value, self.threshold)
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse ``'shift_ratio < 0.9'`` (or ``'classic/*_error >= 0.1'``) into a :class:`Rule`.
+
+    Examples
+    --------
+    >>> parse_rule("shift_ratio < 0.9")
+    Rule(pattern='shift_ratio', op='<', threshold=0.9)
+    """
+    m = re.fullmatch(r"\s*(\S+?)\s*(<=|>=|==|!=|<|>)\s*(\S+)\s*", text)
+    if not m:
+        raise ValidationError(
+            f"fail-if must look like 'METRIC OP NUMBER' with OP one of <, <=, >, >=, ==, !=; "
+            f"got {text!r}"
+        )
+    try:
+        threshold = float(m.group(3))
+    except ValueError:
+        raise ValidationError(
+            f"fail-if threshold must be a number; got {m.group(3)!r} in {text!r}"
+        ) from None
+    return Rule(m.group(1), m.group(2), threshold)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The verdict on one metric.
+
+    ``mark`` is ``better``, ``worse``, ``changed`` (significant, no orientation) or
+    ``unchanged`` (within tolerance); ``z`` is the difference in units of the combined band
+    (``nan`` when both are deterministic).
+    """
+
+    scenario: str
+    metric: str
+    baseline: float
+    current: float
+    ratio: float
+    difference: float
+    threshold: float
+    z: float
+    mark: str
+    regressed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """All comparisons plus the explicit rules that failed."""
+
+    comparisons: tuple[Comparison, ...]
+    rule_failures: tuple[Comparison, ...]
+
+    @property
+    def regressions(self) -> tuple[Comparison, ...]:
+        """Every comparison that fails the check (regressed metrics, then rule failures)."""
+        return tuple(c for c in self.comparisons if c.regressed) + self.rule_failures
+
+    @property
+    def regressed(self) -> bool:
+        """True if anything failed."""
+        return bool(self.regressions)
+
+
+def orientation(name: str) -> str:
+    """The default orientation of a metric name (see :data:`DEFAULT_ORIENTATION`)."""
+    for pattern, better in DEFAULT_ORIENTATION:
+        if fnmatch.fnmatchcase(name, pattern):
+            return better
+    return "none"
+
+
+def compare(
+    baseline: Mapping[tuple[str, str], Metric],
+    current: Mapping[tuple[str, str], Metric],
+    *,
+    z: float = 4.0,
+    rtol: float = 1e-6,
+    atol: float = 1e-12,
+    rules: Sequence[Rule] = (),
+    baseline_name: str = "baseline",
+    current_name: str = "current",
+) -> CheckResult:
+    """Compare two metric sets; see the module docstring for the rule.
+
+    Raises
+    ------
+    ValidationError
+        If the two sets do not hold the same metrics (a mismatched report), or a rule names
+        no metric.
+    """
+    z = check_range("z", z, 0.0, None, closed="neither")
+    rtol = check_range("rtol", rtol, 0.0, None)
+    atol = check_range("atol", atol, 0.0, None)
+    missing = [k for k in baseline if k not in current]
+    extra = [k for k in current if k not in baseline]
+    if missing or extra:
+        what = (
+            f"{current_name} lacks {'/'.join(missing[0])}"
+            if missing
+            else f"{baseline_name} lacks {'/'.join(extra[0])}"
+        )
+        raise ValidationError(
+            f"reports do not match: {what} ({len(missing)} missing, {len(extra)} extra metrics); "
+            "regenerate the baseline on purpose if the suite changed"
+        )
+    rows = []
+    for key, base in baseline.items():
+        rows.append(_compare_one(base, current[key], z, rtol, atol))
+    failures = []
+    for rule in rules:
+        hits = [m for m in current.values() if rule.matches(m)]
+        if not hits:
+            raise ValidationError(f"fail-if rule '{rule}' matches no metric in {current_name}")
+        for m in hits:
+            if rule.violated_by(m):
+                base = baseline[m.key]
+                failures.append(
+                    Comparison(
+                        m.scenario,
+                        m.name,
+                        base.value,
+                        m.value,
+                        _ratio(m.value, base.value),
+                        m.value - base.value,
+                        rule.threshold,
+                        math.nan,
+                        "rule",
+                        True,
+                        f"fail-if {rule}",
+                    )
+                )
+    return CheckResult(tuple(rows), tuple(failures))
+
+
+def _ratio(current: float, base: float) -> float:
+    if base == 0.0:
+        return 1.0 if current == 0.0 else math.inf
+    return current / base
+
+
+def _compare_one(base: Metric, cur: Metric, z: float, rtol: float, atol: float) -> Comparison:
+    diff = cur.value - base.value
+    band = math.hypot(base.sd, cur.sd)
+    threshold = max(z * band, atol + rtol * abs(base.value))
+    zscore = diff / band if band > 0 else math.nan
+    both_nan = math.isnan(cur.value) and math.isnan(base.value)
+    if both_nan:
+        significant = False
+    elif math.isnan(cur.value) or math.isnan(base.value):
+        significant = True
+    else:
+        significant = abs(diff) > threshold
+    better = base.better if base.better != "none" else cur.better
+    if not significant:
+        mark, reason = "unchanged", "within tolerance"
+    elif math.isnan(diff):
+        mark, reason = "changed", "became or stopped being NaN"
+    elif better == "none":
+        mark, reason = "changed", "significant change of a metric with no better direction"
+    elif (diff > 0) == (better == "higher"):
+        mark, reason = "better", f"{better} is better"
+    else:
+        mark, reason = "worse", f"{better} is better"
+    if significant and band > 0:
+        reason += f"; |z| = {abs(zscore):.2f} > {z:g}"
+    elif significant:
+        reason += f"; |diff| {abs(diff):.3g} > {threshold:.3g}"
+    return Comparison(
+        base.scenario,
+        base.name,
+        base.value,
+        cur.value,
+        _ratio(cur.value, base.value),
+        diff,
+        threshold,
+        zscore,
+        mark,
+        mark in ("worse", "changed"),
+        reason,
+    )
+
+
+# --- reading metric reports -----------------------------------------------------------------
+
+
+def metrics_from_rows(
+    rows: Sequence[Mapping[str, Any]], source: str
+) -> dict[tuple[str, str], Metric]:
+    """Metrics from report rows, long form (``scenario, metric, value[, sd, better]``) or wide.
+
+    Wide rows: every numeric column is a metric of the row, keyed by the row's text columns;
+    a column ``<name>_sd`` is that metric's band.
+    """
+    out: dict[tuple[str, str], Metric] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise InputFileError(f"{source}: row {i} is not an object")
+        if "metric" in row and "value" in row:
+            metric = Metric(
+                scenario=str(row.get("scenario", "")),
+                name=str(row["metric"]),
+                value=_number(row["value"], source, i, "value"),
+                sd=_number(row.get("sd", 0.0) or 0.0, source, i, "sd"),
+                better=str(row.get("better") or orientation(str(row["metric"]))),
+            )
+            _add(out, metric, source)
+            continue
+        text = [str(v) for k, v in row.items() if isinstance(v, str)]
+        scenario = "/".join(text) if text else f"row{i}"
+        for name, value in row.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or name.endswith("_sd")
+            ):
+                continue
+            sd = row.get(f"{name}_sd", 0.0) or 0.0
+            _add(
+                out,
+                Metric(
+                    scenario,
+                    str(name),
+                    float(value),
+                    _number(sd, source, i, f"{name}_sd"),
+                    orientation(str(name)),
+                ),
+                source,
+            )
+    return out
+
+
+def _add(out: dict[tuple[str, str], Metric], metric: Metric, source: str) -> None:
+    if metric.key in out:
+        raise InputFileError(f"{source}: metric {'/'.join(metric.key)} appears twice")
+    out[metric.key] = metric
+
+
+def _number(value: Any, source: str, row: int, column: str) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputFileError(f"{source}: row {row} column {column} must be a number; got {value!r}")
+    if column.endswith("sd") and (value < 0 or not math.isfinite(value)):
+        raise InputFileError(f"{source}: row {row} column {column} must be >= 0; got {value!r}")
+    return float(value)
+
+
+def load_report(path: Path) -> tuple[dict[str, Any], dict[tuple[str, str], Metric]]:
+    """Read a varshift JSON report: ``(metadata, metrics)``.
+
+    Raises
+    ------
+    InputFileError
+        If the file is missing, empty, not JSON, or lacks ``rows``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path}: cannot read ({exc})") from None
+    if not text.strip():
+        raise InputFileError(f"{path}: the file is empty")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputFileError(
+            f"{path}: not a JSON report ({exc.msg} at line {exc.lineno})"
+        ) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise InputFileError(f"{path}: not a varshift report (expected an object with 'rows')")
+    if not doc["rows"]:
+        raise InputFileError(f"{path}: the report has no rows")
+    meta = doc["metadata"] if isinstance(doc.get("metadata"), dict) else {}
+    return meta, metrics_from_rows(doc["rows"], str(path))
+
+
+# --- CI outputs -----------------------------------------------------------------------------
+
+
+def summary_line(result: CheckResult) -> str:
+    """One line: how many metrics were compared and how each came out."""
+    marks: dict[str, int] = {}
+    for c in result.comparisons:
+        marks[c.mark] = marks.get(c.mark, 0) + 1
+    parts = ", ".join(f"{n} {m}" for m, n in sorted(marks.items()))
+    verdict = "REGRESSION" if result.regressed else "ok"
+    rules = f"; {len(result.rule_failures)} fail-if rule hits" if result.rule_failures else ""
+    return f"varshift check: {verdict}: {len(result.comparisons)} metrics ({parts}){rules}"
+
+
+def _describe(c: Comparison) -> str:
+    return (
+        f"{c.scenario}/{c.metric} {c.mark}: baseline {c.baseline:.6g}, "
+        f"current {c.current:.6g} ({c.reason})"
+    )
+
+
+def junit_xml(result: CheckResult, suite: str = "varshift check") -> str:
+    """JUnit XML: one test case per metric (class = scenario), a ``<failure>`` per regression."""
+    from xml.sax.saxutils import quoteattr
+
+    cases = list(result.comparisons) + list(result.rule_failures)
+    failures = sum(1 for c in cases if c.regressed)
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<testsuites name={quoteattr(suite)} tests="{len(cases)}" failures="{failures}">',
+        f'  <testsuite name={quoteattr(suite)} tests="{len(cases)}" failures="{failures}" '
+        'errors="0" skipped="0">',
+    ]
+    for c in cases:
+        name = c.metric if c.mark != "rule" else f"{c.metric} [{c.reason}]"
+        head = f"    <testcase classname={quoteattr(c.scenario or 'report')} name={quoteattr(name)}"
+        if c.regressed:
+            msg = _describe(c)
+            lines.append(head + ">")
+            lines.append(f"      <failure message={quoteattr(msg)} type={quoteattr(c.mark)}/>")
+            lines.append("    </testcase>")
+        else:
+            lines.append(head + "/>")
+    lines += ["  </testsuite>", "</testsuites>", ""]
+    return "\n".join(lines)
+
+
+def markdown_summary(result: CheckResult, *, show_all: bool = False) -> str:
+    """A Markdown report: the verdict, then the regressed (or all) metrics as a table."""
+    head = "## " + summary_line(result) + "\n\n"
+    rows = result.comparisons + result.rule_failures if show_all else result.regressions
+    if not rows:
+        return head + "No metric regressed.\n"
+    lines = [
+        "| scenario | metric | baseline | current | ratio | z | mark | reason |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for c in rows:
+        lines.append(
+            f"| {c.scenario} | {c.metric} | {c.baseline:.6g} | {c.current:.6g} | "
+            f"{c.ratio:.4g} | {'' if math.isnan(c.z) else f'{c.z:.2f}'} | "
+            f"{'**' + c.mark + '**' if c.regressed else c.mark} | {c.reason} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def github_annotations(result: CheckResult) -> list[str]:
+    """``::error`` workflow-command lines, one per regression."""
+    out = []
+    for c in result.regressions:
+        msg = _describe(c).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        out.append(f"::error title=varshift check::{msg}")
+    return out
+
+
+def load_metrics(path: Path) -> tuple[dict[str, Any], dict[tuple[str, str], Metric]]:
+    """Metrics of a JSON report, or of a checkpoint's BatchNorm statistics (any stats format).
+
+    A checkpoint gives, per layer, ``running_var_mean`` and ``running_mean_mean`` (channel
+    averages) and ``running_var_max_rel_change``-style per-channel values as separate metrics
+    ``<layer>/var[<i>]`` and ``<layer>/mean[<i>]``, without noise bands: compare checkpoints
+    with ``rtol``/``atol``.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".json" and _is_report(path):
+        return load_report(path)
+    return {"source": str(path)}, _checkpoint_metrics(path)
+
+
+def _is_report(path: Path) -> bool:
+    """A ``.json`` file is a report unless it parses as JSON without a ``rows`` list."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True  # load_report names the problem
+    return not isinstance(doc, dict) or "rows" in doc or "metadata" in doc
+
+
+def _checkpoint_metrics(path: Path) -> dict[tuple[str, str], Metric]:
+    try:
+        from varshift import stats_io
+    except ImportError:  # pragma: no cover - stats_io ships with the package
+        raise InputFileError(f"{path}: checkpoint comparison needs varshift.stats_io") from None
+    stats = stats_io.read_stats(path)
+    out: dict[tuple[str, str], Metric] = {}
+    for name, layer in stats.layers.items():
+        for i, value in enumerate(layer.var.tolist()):
+            _add(out, Metric(name, f"var[{i}]", float(value)), str(path))
+        for i, value in enumerate(layer.mean.tolist()):
+            _add(out, Metric(name, f"mean[{i}]", float(value)), str(path))
+    return out
