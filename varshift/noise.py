@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import stats
 
 from varshift.conventions import keep_from_rate
 from varshift.errors import ValidationError
@@ -120,8 +119,9 @@ class InputMoments:
             z = max(mu, 0.0)
             return cls(z, z**2, z**3, z**4)
         a = -mu / sd
-        phi = float(stats.norm.pdf(a))
-        tail = [float(stats.norm.sf(a)), phi]
+        # Standard normal pdf and upper tail in closed form (importing scipy.stats costs ~0.8 s).
+        phi = math.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
+        tail = [0.5 * math.erfc(a / math.sqrt(2.0)), phi]
         for j in range(2, 5):
             tail.append(a ** (j - 1) * phi + (j - 1) * tail[j - 2])
         raw = [
