@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   ?= theory --rate 0.2
 
-.PHONY: demo test lint typecheck pytest bench reports baseline clean
+.PHONY: demo test lint typecheck pytest bench reports baseline clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: lint typecheck pytest
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/run.py
+
+# Debian's chromium for tests/test_html_browser.py (skipped without it); needs root.
+browser:
+	command -v chromium >/dev/null || { apt-get update && apt-get install -y chromium; }
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -15,9 +15,10 @@ import typer
 from varshift import __version__
 from varshift.cli._common import app
 from varshift.cli.cmd_check import check
+from varshift.cli.cmd_sweep import sweep
 from varshift.cli.cmd_theory import theory
 
-__all__ = ["app", "check", "main", "theory"]
+__all__ = ["app", "check", "main", "sweep", "theory"]
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,306 @@
+"""Figures of the variance shift (optional extra: ``pip install 'varshift[plot]'``).
+
+matplotlib is imported inside the functions, never at module import, and only through its
+object-oriented API with the Agg canvas (no pyplot, no global figure state, no display). Every
+function returns a :class:`matplotlib.figure.Figure`; :func:`save_figure` writes it as PNG and
+SVG atomically and :func:`svg_text` gives the SVG to inline in an HTML page.
+
+Figures draw what the library computed; they never recompute numerics.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from varshift.errors import MissingDependencyError, OutputFileError
+from varshift.report import atomic_write
+from varshift.sweep import RateFigure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+_SVG_META: dict[str, Any] = {"Date": None, "Creator": None, "Format": None, "Type": None}
+_PNG_META: dict[str, Any] = {"Software": None}
+
+INSTALL_HINT = "pip install 'varshift[plot]' (or pip install matplotlib)"
+
+
+def require_matplotlib(option: str = "--plot") -> None:
+    """Raise :class:`MissingDependencyError` naming ``option`` if matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            f"{option} needs matplotlib, which is not installed; install it with: {INSTALL_HINT}"
+        ) from None
+
+
+def check_output_folder(folder: Path, option: str = "--plot") -> Path:
+    """Create ``folder`` if needed and check it can be written; name ``option`` if not.
+
+    Call before long work, so an unwritable destination fails at once.
+    """
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputFileError(
+            f"{option} {folder}: cannot create this folder ({exc.strerror})"
+        ) from None
+    if not path.is_dir():
+        raise OutputFileError(f"{option} {folder}: not a folder")
+    probe = path / ".varshift-write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputFileError(f"{option} {folder}: cannot write here ({exc.strerror})") from None
+    return path
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def shift_vs_rate(data: RateFigure) -> Figure:
+    """Shift ratio ``Delta`` against the dropout rate: the paper's width argument.
+
+    One panel per ``rho``, one curve per width/``D``, and the case-(a) curve (dashed black:
+    dropout directly before BN, equal to ``rho = 0`` at any width) for contrast. Simulated
+    points, when present, are drawn with ±2 standard-error bars.
+
+    Parameters
+    ----------
+    data:
+        What :func:`varshift.sweep.rate_figures` returns for one figure.
+    """
+    n = len(data.panels)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _new_figure(max(6.4, 4.6 * cols + 0.6), (4.6 if n == 1 else 3.9) * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    for k, panel in enumerate(data.panels):
+        ax = axes[k // cols][k % cols]
+        if panel.contrast is not None:
+            ax.plot(
+                panel.contrast.rates,
+                panel.contrast.ratio,
+                color="black",
+                linestyle="--",
+                linewidth=1.6,
+                label=panel.contrast.label,
+                zorder=3,
+            )
+        for i, curve in enumerate(panel.curves):
+            color = f"C{i % 10}"
+            ax.plot(
+                curve.rates,
+                curve.ratio,
+                color=color,
+                marker="o",
+                markersize=3.5,
+                linewidth=1.6,
+                label=curve.label,
+            )
+            if curve.sim is not None and curve.sim_se is not None:
+                ax.errorbar(
+                    curve.rates,
+                    curve.sim,
+                    yerr=2.0 * np.asarray(curve.sim_se, dtype=np.float64),
+                    fmt="s",
+                    markersize=4,
+                    markerfacecolor="white",
+                    color=color,
+                    capsize=2.5,
+                    label=f"{curve.label}, simulated ±2 SE",
+                )
+        ax.set_title(panel.title)
+        ax.set_xlabel("dropout rate r")
+        if k % cols == 0:
+            ax.set_ylabel("shift ratio Δ = Var_test / Var_train")
+        ax.set_ylim(0.0, 1.03)
+        ax.axhline(1.0, color="0.6", linewidth=0.8)
+        ax.grid(True, color="0.9")
+        ax.legend(fontsize="small", loc="lower left")
+    for k in range(n, rows * cols):
+        axes[k // cols][k % cols].set_visible(False)
+    fig.suptitle(f"Variance shift against dropout rate\n{data.title}", fontsize="medium")
+    return fig
+
+
+def sim_vs_theory(
+    theory: ArrayLike,
+    simulated: ArrayLike,
+    se: ArrayLike,
+    *,
+    quantity: str = "shift ratio Δ",
+    title: str | None = None,
+) -> Figure:
+    """Simulated values against their closed forms, with ±2 standard-error bars.
+
+    Points on the diagonal agree; a point whose bar misses it disagrees at about the 5% level.
+    """
+    t = np.asarray(theory, dtype=np.float64).ravel()
+    s = np.asarray(simulated, dtype=np.float64).ravel()
+    e = np.asarray(se, dtype=np.float64).ravel()
+    fig = _new_figure(5.2, 5.0)
+    ax = fig.subplots()
+    finite = np.concatenate([t[np.isfinite(t)], s[np.isfinite(s)]])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", linewidth=1, label="y = x")
+    ax.errorbar(t, s, yerr=2.0 * e, fmt="o", markersize=4, capsize=2.5, label="simulated ±2 SE")
+    ax.set_xlabel(f"{quantity}, closed form")
+    ax.set_ylabel(f"{quantity}, Monte Carlo")
+    ax.set_title(title or f"Monte Carlo against closed form: {quantity}")
+    ax.grid(True, color="0.9")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def running_variance(
+    steps: ArrayLike,
+    trace: ArrayLike,
+    expected: ArrayLike,
+    sd: ArrayLike,
+    *,
+    k: float = 2.0,
+    target: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The stored running variance over training steps, with its predicted ``±k sd`` band.
+
+    Parameters
+    ----------
+    steps:
+        ``(T,)`` update numbers.
+    trace:
+        ``(T,)`` one run's running variance, or ``(runs, T)`` several runs.
+    expected, sd:
+        ``(T,)`` (or scalars): ``E[R_t]`` and its noise sd, from
+        :func:`varshift.theory.running_stats`.
+    target:
+        The test-time variance, drawn as a horizontal line: the gap is the variance shift.
+    """
+    x = np.asarray(steps, dtype=np.float64)
+    y = np.atleast_2d(np.asarray(trace, dtype=np.float64))
+    mu = np.broadcast_to(np.asarray(expected, dtype=np.float64), x.shape)
+    band = k * np.broadcast_to(np.asarray(sd, dtype=np.float64), x.shape)
+    fig = _new_figure(7.0, 4.2)
+    ax = fig.subplots()
+    ax.fill_between(
+        x, mu - band, mu + band, color="C0", alpha=0.18, linewidth=0, label=f"predicted ±{k:g} sd"
+    )
+    ax.plot(x, mu, color="C0", linewidth=1.8, label="predicted E[running var]")
+    for i, row in enumerate(y):
+        ax.plot(
+            x,
+            row,
+            color="C1",
+            linewidth=0.9,
+            alpha=0.8 if len(y) == 1 else 0.45,
+            label="simulated running var" if i == 0 else None,
+        )
+    if target is not None:
+        ax.axhline(target, color="black", linestyle="--", linewidth=1.2, label="test-time variance")
+    ax.set_xlabel("training step t")
+    ax.set_ylabel("running variance R_t")
+    ax.set_title(title or "Running variance drifts to its dropout-inflated target")
+    ax.grid(True, color="0.9")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def layer_before_after(
+    names: Sequence[str],
+    before: ArrayLike,
+    after: ArrayLike,
+    *,
+    ylabel: str = "running variance",
+    labels: tuple[str, str] = ("stored (before)", "corrected (after)"),
+    title: str | None = None,
+) -> Figure:
+    """Per-layer grouped bars: a statistic before and after a correction."""
+    b = np.asarray(before, dtype=np.float64).ravel()
+    a = np.asarray(after, dtype=np.float64).ravel()
+    if not (len(names) == b.size == a.size):
+        raise ValueError(
+            f"names, before and after must have one value per layer; got "
+            f"{len(names)}, {b.size}, {a.size}"
+        )
+    x = np.arange(len(names), dtype=np.float64)
+    fig = _new_figure(max(5.0, 0.55 * len(names) + 2.5), 4.4)
+    ax = fig.subplots()
+    ax.bar(x - 0.2, b, width=0.4, color="C3", label=labels[0])
+    ax.bar(x + 0.2, a, width=0.4, color="C2", label=labels[1])
+    ax.set_xticks(
+        x,
+        list(names),
+        rotation=45 if len(names) > 6 else 0,
+        ha="right" if len(names) > 6 else "center",
+    )
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "Per-layer statistics before and after the correction")
+    ax.grid(True, axis="y", color="0.9")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def figure_bytes(fig: Figure, fmt: str) -> bytes:
+    """The figure encoded as ``png`` or ``svg``, deterministically (no dates, fixed ids)."""
+    from matplotlib import rc_context
+
+    buf = io.BytesIO()
+    meta = _SVG_META if fmt == "svg" else _PNG_META
+    # A fixed hash salt makes SVG ids (and so the bytes) the same on every run; text as paths
+    # needs no font files.
+    with rc_context({"svg.hashsalt": "varshift", "svg.fonttype": "path"}):
+        fig.savefig(buf, format=fmt, dpi=110, metadata=meta)
+    return buf.getvalue()
+
+
+_PROLOG = re.compile(r"^\s*(<\?xml[^>]*\?>\s*)?(<!DOCTYPE[^>]*>\s*)?", re.DOTALL)
+_METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.DOTALL)
+
+
+def svg_text(fig: Figure) -> str:
+    """The figure as an ``<svg>`` element to inline in HTML: no XML prolog, DOCTYPE or metadata.
+
+    Text is drawn as paths (no font files); the only URLs left are the SVG and XLink namespace
+    declarations.
+    """
+    text = figure_bytes(fig, "svg").decode()
+    text = _PROLOG.sub("", text, count=1)
+    return _METADATA.sub("", text).strip()
+
+
+def save_figure(fig: Figure, folder: Path, stem: str, *, force: bool = False) -> list[Path]:
+    """Write ``<folder>/<stem>.png`` and ``.svg`` atomically; return their paths.
+
+    Both targets are checked before either is written.
+
+    Raises
+    ------
+    OutputFileError
+        If a target exists and ``force`` is False, or the folder cannot be written.
+    """
+    targets = [Path(folder) / f"{stem}.{ext}" for ext in ("png", "svg")]
+    if not force:
+        for t in targets:
+            if t.exists():
+                raise OutputFileError(f"{t}: already exists; pass --force to overwrite it")
+    return [atomic_write(t, figure_bytes(fig, t.suffix[1:]), force=True) for t in targets]
