@@ -184,6 +184,56 @@ def test_per_point_streams_give_the_same_numbers_for_any_worker_count() -> None:
     assert calls[0] == (0, 6) and calls[-1] == (6, 6)
 
 
+def _sim_config(**kw: object) -> SweepConfig:
+    base: dict[str, object] = {"rates": (0.2, 0.6), "steps": 200, "reps": 64, "simulate": True}
+    return SweepConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_simulated_sweep_is_the_same_for_one_and_two_workers() -> None:
+    pytest.importorskip("varshift.simulate")
+    config = _sim_config(means=(0.0, 2.0), frameworks=("torch", "keras"))
+    one = sweep(config, rng=5)
+    two = sweep(SweepConfig(**{**config.__dict__, "workers": 2}), rng=5)
+    assert one.rows == two.rows and one.seed_entropy == two.seed_entropy == 5
+    assert sweep(config, rng=6).rows != one.rows
+    df = pd.DataFrame(one.records())
+    assert {"sim_running_var", "z_running_var", "sim_shift_ratio", "z_shift_ratio"} <= set(df)
+
+
+@pytest.mark.parametrize("topology", ["direct", "linear"])
+def test_simulated_values_agree_with_the_closed_form_within_noise(topology: str) -> None:
+    pytest.importorskip("varshift.simulate")
+    extra: dict[str, object] = {}
+    if topology == "linear":
+        extra = {"topology": "linear", "Ds": (1.0, 16.0), "rhos": (0.2,)}
+    rows = sweep(_sim_config(means=(0.0, 1.5), **extra), rng=11).rows
+    for r in rows:
+        assert r.sim_running_var is not None and r.z_running_var is not None
+        assert r.z_shift_ratio is not None and r.sim_running_var_se is not None
+        assert r.sim_running_var_se > 0
+        # At most 16 z-scores of independent points: one beyond 4.5 by chance has p ≈ 1e-4.
+        assert abs(r.z_running_var) < 4.5 and abs(r.z_shift_ratio) < 4.5
+        # torch, unbiased, 0.9**200 ≈ 7e-10: the recorded ratio is Δ itself
+        assert r.recorded_ratio == pytest.approx(r.shift_ratio, rel=1e-8)
+
+
+def test_simulate_from_the_command_line_with_figures(tmp_path: Path) -> None:
+    pytest.importorskip("varshift.simulate")
+    pytest.importorskip("matplotlib")
+    figs, page = tmp_path / "figs", tmp_path / "sweep.html"
+    args = ["--rate", "0.2,0.6", "--simulate", "--reps", "16", "--steps", "100", "--seed", "3"]
+    code, out, err = run(*args, "--plot", str(figs), "--html", str(page), "-f", "csv")
+    assert code == 0, err
+    df = pd.read_csv(io.StringIO(out))
+    assert len(df) == 2 and df["sim_running_var"].notna().all()
+    assert sorted(p.name for p in figs.iterdir()) == [
+        "shift_vs_rate.png", "shift_vs_rate.svg", "sim_vs_theory.png", "sim_vs_theory.svg",
+    ]  # fmt: skip
+    assert page.read_text().count("<svg") == 2
+    code, _, err = run(*args[:-4], "--steps", "0")
+    assert code == 2 and "steps must be an integer >= 1; got 0" in err
+
+
 def test_simulate_without_the_engine_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "varshift.simulate", None)
     code, _, err = run("--rate", "0.5", "--simulate")

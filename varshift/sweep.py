@@ -243,7 +243,9 @@ class SweepConfig:
     simulate:
         Also run the Monte Carlo at every point (needs :mod:`varshift.simulate`).
     reps:
-        Independent simulated training runs per point.
+        ``direct`` topology: independent BN features simulated per point (each with its own
+        data and noise); standard errors are their spread over ``sqrt(reps)``. The linear
+        topology simulates one unit per point (see :func:`simulate_point`).
     workers:
         Processes for the Monte Carlo; the numbers do not depend on it.
     max_points:
@@ -311,18 +313,27 @@ class GridPoint:
 class SimStats:
     """Monte Carlo estimates at one grid point, each with its standard error (``*_se``).
 
-    ``train_var``/``test_var`` are population variances of what BN sees, ``shift_ratio`` their
-    ratio, ``running_var`` the mean stored running variance after ``steps`` updates.
+    The simulation runs ``reps`` independent BN features (each its own dataset column and
+    noise) for ``steps`` updates; estimates are means over features and standard errors their
+    spread over features divided by ``sqrt(reps)``.
+
+    Attributes
+    ----------
+    test_var:
+        The population variance BN sees at test time (dropout off), measured on the data.
+    running_var:
+        The stored running variance after ``steps`` updates (the preset's stored convention).
+    shift_ratio:
+        ``test_var / running_var`` (ratio of the means): the real variance over the recorded
+        one, what the layer experiences at test time; its standard error by the delta method.
     """
 
-    train_var: float
-    train_var_se: float
     test_var: float
     test_var_se: float
-    shift_ratio: float
-    shift_ratio_se: float
     running_var: float
     running_var_se: float
+    shift_ratio: float
+    shift_ratio_se: float
 
 
 @dataclass(frozen=True)
@@ -330,9 +341,13 @@ class SweepRow:
     """One row of the tidy sweep table: coordinates, closed forms, then (optionally) Monte Carlo.
 
     Variances are population variances except ``stored_batch_var`` and ``running_var``, which
-    follow the framework's stored convention (biased or unbiased batch variance). ``z_*`` are
-    ``(simulated - closed form) / standard error``; every ``sim_*``/``z_*`` field is ``None``
-    when the sweep was not simulated.
+    follow the framework's stored convention (biased or unbiased batch variance).
+    ``shift_ratio`` is ``Delta = test_var / train_var``; ``recorded_ratio = test_var /
+    running_var`` is what the layer meets at test time after ``steps`` updates (it differs from
+    ``Delta`` by the stored-variance bias ``(n-1)/n`` and the initial value's residual weight).
+    ``sim_*`` are Monte Carlo estimates (:class:`SimStats`); ``z_running_var`` and
+    ``z_shift_ratio`` compare them with ``running_var`` and ``recorded_ratio`` in standard
+    errors. Every ``sim_*``/``z_*`` field is ``None`` when the sweep was not simulated.
     """
 
     index: int
@@ -357,16 +372,15 @@ class SweepRow:
     stored_batch_var: float
     running_var: float
     running_var_sd: float
-    sim_train_var: float | None = None
-    sim_train_var_se: float | None = None
+    recorded_ratio: float
     sim_test_var: float | None = None
     sim_test_var_se: float | None = None
-    sim_shift_ratio: float | None = None
-    sim_shift_ratio_se: float | None = None
     sim_running_var: float | None = None
     sim_running_var_se: float | None = None
-    z_shift_ratio: float | None = None
+    sim_shift_ratio: float | None = None
+    sim_shift_ratio_se: float | None = None
     z_running_var: float | None = None
+    z_shift_ratio: float | None = None
 
 
 #: Columns that exist only for a simulated sweep.
@@ -439,6 +453,8 @@ def _validated(config: SweepConfig) -> SweepConfig:
     check_range("beta", config.beta, 0.0, None)
     check_int("steps", config.steps, 0)
     check_int("reps", config.reps, 2)
+    if config.simulate:
+        check_int("steps", config.steps, 1)
     check_int("workers", config.workers, 1)
     if config.topology == "direct" and (
         config.widths or config.Ds or any(r != 0.0 for r in config.rhos)
@@ -523,7 +539,14 @@ def _closed_form(point: GridPoint, preset: Preset, config: SweepConfig) -> Sweep
         stored_batch_var=t.stored_batch_var,
         running_var=t.running_var,
         running_var_sd=t.running_var_sd,
+        recorded_ratio=_ratio(t.test_var, t.running_var),
     )
+
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0.0:
+        return math.nan if num == 0.0 else math.inf
+    return num / den
 
 
 def _seed_sequence(rng: np.random.Generator | int | None) -> np.random.SeedSequence:
@@ -594,13 +617,52 @@ class _SimTask:
 def simulate_point(task: _SimTask) -> SimStats:
     """Monte Carlo at one grid point, drawing only from ``task.seed`` (module-level: picklable).
 
-    The interface this needs from :mod:`varshift.simulate` is one call,
-    ``simulate(config, rng=np.random.default_rng(task.seed))``, whose result gives the
-    simulated train and test variance, the shift ratio and the mean running variance with
-    their standard errors.
+    Runs :func:`varshift.simulate.simulate` on synthetic normal inputs of the point's mean and
+    variance for ``steps`` updates.
+
+    * ``direct``: ``reps`` BN features, each with its own data column and noise, so they are
+      independent replicates; standard errors are their spread over ``sqrt(reps)``.
+    * ``linear``: one unit of the point's width, ``rho`` and ``cos²θ = D / width`` (units of
+      one layer share their inputs, so more of them would not be independent). Its standard
+      errors are the engine's noise band of the running variance combined with the sampling
+      noise of the finite dataset (``Var[s²] ≈ 2 var²/(N-1)``, exact for normal outputs).
     """
-    _simulate_engine()
-    raise MissingDependencyError("--simulate is not available yet")  # pragma: no cover
+    engine = _simulate_engine()
+    p = task.point
+    linear = p.topology == "linear"
+    config = engine.SimConfig(
+        rate=p.rate,
+        dropout=p.dropout,
+        beta=task.beta,
+        preset=resolve_preset(p.framework, task.momentum),
+        batch_size=p.batch_size,
+        steps=task.steps,
+        features=1 if linear else task.reps,
+        mean=p.mean,
+        std=math.sqrt(p.var),
+        topology=p.topology,
+        width=p.width if linear else None,
+        rho=p.rho if linear else 0.0,
+        cos2=min(1.0, p.D / p.width) if linear else None,
+    )
+    result = engine.simulate(config, rng=np.random.default_rng(task.seed))
+    test = np.array([r.test_var for r in result.features], dtype=np.float64)
+    run = np.array([r.running_var for r in result.features], dtype=np.float64)
+    mt, mr = float(test.mean()), float(run.mean())
+    if linear:
+        (row,) = result.features
+        data = 2.0 / max(result.summary.rows - 1, 1)
+        st = mt * math.sqrt(data)
+        sr = math.sqrt(row.running_var_sd**2 + mr * mr * data)
+        cov = 0.0
+    else:
+        k = test.size
+        st, sr = float(test.std(ddof=1)) / math.sqrt(k), float(run.std(ddof=1)) / math.sqrt(k)
+        cov = float(np.cov(test, run, ddof=1)[0, 1]) / k
+    ratio = _ratio(mt, mr)
+    # Delta method for a ratio of means: Var(a/b) ≈ (a/b)² (Va/a² + Vb/b² - 2 Cab/(a b)).
+    rel = (st / mt) ** 2 + (sr / mr) ** 2 - 2 * cov / (mt * mr) if mt and mr else math.nan
+    return SimStats(mt, st, mr, sr, ratio, abs(ratio) * math.sqrt(max(rel, 0.0)))
 
 
 def _with_sim(row: SweepRow, sim: SimStats) -> SweepRow:
@@ -609,8 +671,8 @@ def _with_sim(row: SweepRow, sim: SimStats) -> SweepRow:
 
     values = asdict(row)
     values.update({f"sim_{k}": v for k, v in asdict(sim).items()})
-    values["z_shift_ratio"] = z(sim.shift_ratio, row.shift_ratio, sim.shift_ratio_se)
     values["z_running_var"] = z(sim.running_var, row.running_var, sim.running_var_se)
+    values["z_shift_ratio"] = z(sim.shift_ratio, row.recorded_ratio, sim.shift_ratio_se)
     return SweepRow(**values)
 
 
@@ -747,7 +809,6 @@ def rate_figures(result: SweepResult) -> list[RateFigure]:
     groups: dict[tuple[str, float, float], list[SweepRow]] = {}
     for r in rows:
         groups.setdefault((r.dropout, r.mean, r.var), []).append(r)
-    simulated = config.simulate
     figures = []
     for (drop, c, v), members in groups.items():
         panels = []
@@ -772,8 +833,6 @@ def rate_figures(result: SweepResult) -> list[RateFigure]:
                         label,
                         tuple(r.rate for r in crow),
                         tuple(r.shift_ratio for r in crow),
-                        tuple(_f(r.sim_shift_ratio) for r in crow) if simulated else None,
-                        tuple(_f(r.sim_shift_ratio_se) for r in crow) if simulated else None,
                     )
                 )
             contrast = None
@@ -791,7 +850,3 @@ def rate_figures(result: SweepResult) -> list[RateFigure]:
         key = "" if len(groups) == 1 else f"{drop}_mean{_num(c)}_var{_num(v)}"
         figures.append(RateFigure(key, title, tuple(panels)))
     return figures
-
-
-def _f(x: float | None) -> float:
-    return math.nan if x is None else x
