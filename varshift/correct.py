@@ -42,8 +42,10 @@ TARGETS: tuple[str, ...] = ("framework", "population")
 #: A non-positive corrected variance is clipped when the stored variance is at most this many
 #: noise standard deviations below what dropout alone records from a constant input.
 CLIP_Z = 3.0
-#: Without a batch size the noise is unknown: clip when the shortfall is at most this fraction.
-#: About one noise sd of a PyTorch running variance at batch size 32 and rate 0.5.
+#: Without a batch size the noise cannot be sized: clip when the shortfall is at most this
+#: fraction. It is one noise sd of the value a PyTorch running variance (momentum 0.1, n = 32)
+#: records from a constant input at rate 0.1, and 3 sd at rate 0.3 (``theory.running_stats``);
+#: ``--batch-size`` replaces it with the ``clip_z`` rule.
 CLIP_RTOL = 0.1
 #: Update count assumed for the stationary noise of an EMA when the file does not store one.
 _STATIONARY = 10**9

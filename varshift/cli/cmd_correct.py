@@ -183,13 +183,14 @@ def correct(
         list[str] | None,
         typer.Option(
             "--layer",
+            metavar="PATTERN=RATE",
             help="PATTERN=RATE: correct layers matching the glob with this rate; repeatable, "
             "the last match wins; without --rate only matching layers are corrected.",
         ),
     ] = None,
     exclude: Annotated[
         list[str] | None,
-        typer.Option(help="Glob of layers to leave alone; repeatable."),
+        typer.Option(metavar="PATTERN", help="Glob of layers to leave alone; repeatable."),
     ] = None,
     dropout: Annotated[DropoutKind, typer.Option(help="Dropout kind before the BN layers.")] = (
         DropoutKind.bernoulli
