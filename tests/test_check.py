@@ -191,3 +191,33 @@ def test_false_alarm_rate_of_the_rule_is_nominal() -> None:
     rate = sum(c.mark != "unchanged" for c in result.comparisons) / n
     nominal = 2 * stats.norm.sf(z)
     assert abs(rate - nominal) < 4 * math.sqrt(nominal * (1 - nominal) / n)
+
+
+@pytest.mark.torch
+def test_checkpoints_are_compared_layer_by_layer(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4),
+        torch.nn.Dropout(0.5),
+        torch.nn.BatchNorm1d(4),
+        torch.nn.BatchNorm1d(4),
+    )
+    model.train()
+    for _ in range(5):
+        model(torch.randn(16, 3))
+    base = tmp_path / "base.pt"
+    torch.save(model.state_dict(), base)
+    same = tmp_path / "same.pt"
+    torch.save(model.state_dict(), same)
+    code, _, err = invoke("check", str(same), "--baseline", str(base))
+    assert code == 0 and "10 metrics (10 unchanged)" in err
+    state = model.state_dict()
+    state["3.running_var"][2] *= 1.5  # one channel of one layer tampered with
+    tampered = tmp_path / "tampered.pt"
+    torch.save(state, tampered)
+    code, out, err = invoke("check", str(tampered), "--baseline", str(base), "-f", "md")
+    assert code == 1
+    assert "3/var_" in err and "2/" not in err
+    (base.with_suffix(".npz")).write_bytes(b"")
+    code, _, err = invoke("check", str(tmp_path / "base.npz"), "--baseline", str(base))
+    assert code == 2 and "base.npz" in err

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from varshift.errors import InputFileError, ValidationError
 from varshift.validate import check_range
 
@@ -439,10 +441,10 @@ def github_annotations(result: CheckResult) -> list[str]:
 def load_metrics(path: Path) -> tuple[dict[str, Any], dict[tuple[str, str], Metric]]:
     """Metrics of a JSON report, or of a checkpoint's BatchNorm statistics (any stats format).
 
-    A checkpoint gives, per layer, ``running_var_mean`` and ``running_mean_mean`` (channel
-    averages) and ``running_var_max_rel_change``-style per-channel values as separate metrics
-    ``<layer>/var[<i>]`` and ``<layer>/mean[<i>]``, without noise bands: compare checkpoints
-    with ``rtol``/``atol``.
+    A checkpoint gives five metrics per layer, from its running statistics over channels:
+    ``var_mean``, ``var_min``, ``var_max``, ``mean_mean`` and ``mean_absmax``. They carry no
+    noise band, so checkpoints are compared with ``rtol``/``atol``; a change to any single
+    channel moves at least one of them.
     """
     path = Path(path)
     if path.suffix.lower() == ".json" and _is_report(path):
@@ -460,15 +462,20 @@ def _is_report(path: Path) -> bool:
 
 
 def _checkpoint_metrics(path: Path) -> dict[tuple[str, str], Metric]:
-    try:
-        from varshift import stats_io
-    except ImportError:  # pragma: no cover - stats_io ships with the package
-        raise InputFileError(f"{path}: checkpoint comparison needs varshift.stats_io") from None
+    from varshift import stats_io
+
     stats = stats_io.read_stats(path)
     out: dict[tuple[str, str], Metric] = {}
     for name, layer in stats.layers.items():
-        for i, value in enumerate(layer.var.tolist()):
-            _add(out, Metric(name, f"var[{i}]", float(value)), str(path))
-        for i, value in enumerate(layer.mean.tolist()):
-            _add(out, Metric(name, f"mean[{i}]", float(value)), str(path))
+        var = np.asarray(layer.var, dtype=np.float64)
+        mean = np.asarray(layer.mean, dtype=np.float64)
+        values = {
+            "var_mean": float(var.mean()),
+            "var_min": float(var.min()),
+            "var_max": float(var.max()),
+            "mean_mean": float(mean.mean()),
+            "mean_absmax": float(np.abs(mean).max()),
+        }
+        for metric, value in values.items():
+            _add(out, Metric(name, metric, value), str(path))
     return out
