@@ -16,10 +16,11 @@ from varshift import __version__
 from varshift.cli._common import app
 from varshift.cli.cmd_check import check
 from varshift.cli.cmd_correct import correct, inspect
+from varshift.cli.cmd_simulate import simulate
 from varshift.cli.cmd_sweep import sweep
 from varshift.cli.cmd_theory import theory
 
-__all__ = ["app", "check", "correct", "inspect", "main", "sweep", "theory"]
+__all__ = ["app", "check", "correct", "inspect", "main", "simulate", "sweep", "theory"]
 
 
 def _version(value: bool) -> None:
