@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEMO   ?= theory --rate 0.2
+DEMO   ?= simulate --rate 0.2
 
 .PHONY: demo test lint typecheck pytest bench reports baseline clean browser
 

@@ -219,3 +219,20 @@ def test_help_has_examples() -> None:
     result = runner.invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "Examples" in result.stdout and "varshift simulate --rate 0.2" in result.stdout
+
+
+def test_report_names_change_with_parameters_and_version() -> None:
+    from varshift.cli.cmd_simulate import report_stem
+
+    params = {
+        "topology": "direct",
+        "dropout": "bernoulli",
+        "rate": 0.2,
+        "framework": "torch",
+        "seed": 0,
+    }
+    stem = report_stem(params, "1.0")
+    assert stem.startswith("simulate_direct_bernoulli_rate0.2_torch_seed0_")
+    assert report_stem(dict(params), "1.0") == stem
+    assert report_stem(params, "1.1") != stem
+    assert report_stem({**params, "rate": 0.3}, "1.0") != stem

@@ -542,3 +542,31 @@ def test_recorded_inputs_are_resampled_when_samples_is_given() -> None:
     assert x.shape == (200, 2)
     # Every drawn row is one of the recorded rows.
     assert all(any(np.array_equal(r, d) for d in data) for r in x[:20])
+
+
+def test_doctests() -> None:
+    import doctest
+
+    import varshift.simulate as mod
+
+    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_memory_does_not_grow_with_epochs() -> None:
+    # Streaming: the largest array of a run is one chunk, whatever the number of epochs.
+    sizes: dict[int, int] = {}
+    for epochs in (2, 200):
+        biggest = 0
+
+        def watch(chunk: Chunk) -> None:
+            nonlocal biggest
+            biggest = max(biggest, chunk.x.nbytes, chunk.noise.nbytes, chunk.bn_input.nbytes)
+
+        simulate(
+            SimConfig(samples=500, features=4, epochs=epochs, chunk_elements=4000),
+            rng=0,
+            observer=watch,
+        )
+        sizes[epochs] = biggest
+    assert sizes[200] == sizes[2] <= 8 * 4000

@@ -174,7 +174,7 @@ class SimConfig:
     chunk_elements: int = 1 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Plan:
     """A validated, fully resolved :class:`SimConfig`."""
 
@@ -1147,28 +1147,42 @@ def _moments_from_cumulants(
     )
 
 
-def _row_moments(plan: _Plan, data: FloatArray, weights: FloatArray | None) -> _RowMoments:
+def _element_affine(dropout: Dropout, x: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """``(E[y|x], b(x))`` of one dropout output element ``y = a(x) + b(x) xi``."""
+    xbar = _noise_cumulants(dropout)[0]
+    if dropout.multiplicative:
+        return xbar * x, x
+    a, b, d = dropout._alpha_affine()
+    beta = a * x + b - d
+    return d + xbar * beta, beta
+
+
+def _element_mean(plan: _Plan, data: FloatArray, weights: FloatArray | None) -> FloatArray:
+    """``mu``: population mean of one BN-input element per feature (``E[y|x]`` is affine)."""
+    axes = (0, 2, 3) if plan.topology == "conv" else (0,)
+    g_mean = _element_affine(plan.dropout, data.mean(axis=axes))[0]
+    if plan.topology == "linear":
+        assert weights is not None
+        return np.asarray(g_mean @ weights.T)
+    return g_mean
+
+
+def _row_moments(
+    plan: _Plan, data: FloatArray, weights: FloatArray | None, mu: FloatArray
+) -> _RowMoments:
     """Exact conditional moments of each row's contribution to a batch's statistics.
 
     Elements of a row are ``y_p = a_p + b_p xi_p`` (:func:`_noise_cumulants`); they are
     independent given ``x`` except under channel-wise masks, where one ``xi`` is shared. For
     ``linear`` the single element per row is ``u = sum_i w_i y_i``, whose cumulants are
-    ``sum_i w_i^j b_i^j k_j`` (independent masks).
+    ``sum_i w_i^j b_i^j k_j`` (independent masks). ``mu`` is :func:`_element_mean`.
     """
-    dropout = plan.dropout
-    xbar, k2, k3, k4 = _noise_cumulants(dropout)
-    if dropout.multiplicative:
-        beta = data
-        g_el = xbar * data
-    else:
-        a, b, d = dropout._alpha_affine()
-        beta = a * data + b - d
-        g_el = d + xbar * beta
+    _, k2, k3, k4 = _noise_cumulants(plan.dropout)
+    g_el, beta = _element_affine(plan.dropout, data)
     n_rows, f, p = data.shape[0], plan.features, plan.positions
     if plan.topology == "linear":
         assert weights is not None
         g_unit = g_el @ weights.T
-        mu = g_unit.mean(axis=0)
         b2, w2 = beta * beta, weights * weights
         cum = [
             g_unit - mu,
@@ -1180,7 +1194,6 @@ def _row_moments(plan: _Plan, data: FloatArray, weights: FloatArray | None) -> _
     g_el = g_el.reshape(n_rows, f, p)
     beta = beta.reshape(n_rows, f, p)
     g = g_el.sum(axis=2)
-    mu = g.mean(axis=0) / p
     dev = g_el - mu[:, None]
     if not plan.channelwise:
         b2 = beta * beta
@@ -1335,6 +1348,45 @@ def simulate(
     return _assemble(plan, config, data, weights, state, clean, fit)
 
 
+class _RowSums:
+    """Streaming means over dataset rows of :class:`_RowMoments`, with population variances of
+    ``g``, ``eq``, ``ed2`` and the covariance of ``eq`` and ``ed2`` (Chan et al.'s update)."""
+
+    MEANS = ("g", "eq", "ed2", "ed4", "eq2", "eqd2")
+    SPREAD = ("g", "eq", "ed2")
+
+    def __init__(self, features: int) -> None:
+        self.count = 0
+        self.mean = {k: np.zeros(features) for k in self.MEANS}
+        self.m2 = {k: np.zeros(features) for k in self.SPREAD}
+        self.c = np.zeros(features)
+
+    def add(self, rm: _RowMoments) -> None:
+        k = rm.g.shape[0]
+        total = self.count + k
+        w = self.count * k / total
+        cols = {name: getattr(rm, name) for name in self.MEANS}
+        delta = {}
+        for name, col in cols.items():
+            mb = col.mean(axis=0)
+            delta[name] = mb - self.mean[name]
+            if name in self.SPREAD:
+                self.m2[name] = self.m2[name] + ((col - mb) ** 2).sum(axis=0) + delta[name] ** 2 * w
+            self.mean[name] = self.mean[name] + delta[name] * (k / total)
+        dq = cols["eq"] - cols["eq"].mean(axis=0)
+        dd = cols["ed2"] - cols["ed2"].mean(axis=0)
+        self.c = self.c + (dq * dd).sum(axis=0) + delta["eq"] * delta["ed2"] * w
+        self.count = total
+
+    @property
+    def var(self) -> dict[str, FloatArray]:
+        return {k: v / self.count for k, v in self.m2.items()}
+
+    @property
+    def cov(self) -> FloatArray:
+        return self.c / self.count
+
+
 def _band(
     plan: _Plan, data: FloatArray, weights: FloatArray | None, sched: _Schedule
 ) -> dict[str, FloatArray]:
@@ -1349,16 +1401,16 @@ def _band(
     ``(f/n)(Q_r - D_r²/n)`` projected on the row, for its permutation variance.
     """
     big_n, p, preset = plan.rows, plan.positions, plan.preset
-    rm = _row_moments(plan, data, weights)
-    mu = rm.mu
-    var_g = rm.g.var(axis=0)
-    m_eq, m_ed2, m_ed4 = rm.eq.mean(axis=0), rm.ed2.mean(axis=0), rm.ed4.mean(axis=0)
-    var_q = rm.eq2.mean(axis=0) - m_eq * m_eq
-    cov_qd2 = rm.eqd2.mean(axis=0) - m_eq * m_ed2
+    mu = _element_mean(plan, data, weights)
+    acc = _RowSums(plan.features)
+    for start in range(0, big_n, plan.chunk_rows):  # bounded memory, like the simulation
+        acc.add(_row_moments(plan, data[start : start + plan.chunk_rows], weights, mu))
+    var_g, var_h, var_k, cov_hk = acc.var["g"], acc.var["eq"], acc.var["ed2"], acc.cov
+    m_eq, m_ed2, m_ed4 = acc.mean["eq"], acc.mean["ed2"], acc.mean["ed4"]
+    var_q = acc.mean["eq2"] - m_eq * m_eq
+    cov_qd2 = acc.mean["eqd2"] - m_eq * m_ed2
     sigma2 = m_eq / p
     mean_nc = m_ed2 - var_g  # E[Var(Y|x)]
-    var_h, var_k = rm.eq.var(axis=0), rm.ed2.var(axis=0)
-    cov_hk = ((rm.eq - m_eq) * (rm.ed2 - m_ed2)).mean(axis=0)
     fpc_scale = 1.0 / (big_n - 1) if big_n > 1 else 0.0
 
     classes = ((plan.batch, 0), (plan.last, 1)) if plan.last else ((plan.batch, 0),)

@@ -201,13 +201,15 @@ def config_metadata(
     return params
 
 
-def report_stem(params: dict[str, object]) -> str:
+def report_stem(params: dict[str, object], version: str = __version__) -> str:
     """``simulate_<topology>_<dropout>_rate<r>_<framework>_seed<s>_<hash>``.
 
-    The hash covers every parameter, so different runs never share a name and rerunning the
-    same command reproduces the same (byte-identical) files.
+    The hash covers every parameter and the varshift version, so different runs (or releases)
+    never share a name, and rerunning the same command reproduces the same (byte-identical)
+    files, which :func:`write_reports` then leaves in place.
     """
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    key = json.dumps({"params": params, "varshift": version}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return (
         f"simulate_{params['topology']}_{params['dropout']}_rate{params['rate']:g}_"
         f"{params['framework']}_seed{params['seed']}_{digest}"
