@@ -169,6 +169,7 @@ BAD = [
         "semi-definite); got -0.5",
     ),
     (["--width", "8"], "--width applies to --topology linear only; got direct"),
+    (["--rho", "0"], "--rho applies to --topology linear only; got direct"),
     (["--channelwise"], "--channelwise applies to --topology conv only; got direct"),
     (["--lr", "0.1"], "--lr applies with --fit only"),
     (["--epochs", "2", "--steps", "5"], "give either --epochs or --steps, not both"),
@@ -211,7 +212,7 @@ def test_bad_input_files_exit_2(tmp_path: Path, name: str, content: object, mess
 
 def test_input_replaces_the_synthetic_options(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.ones((64, 2)))
-    code, _, err = run("--input", str(tmp_path / "x.npy"), "--mean", "3", "--no-report")
+    code, _, err = run("--input", str(tmp_path / "x.npy"), "--mean", "0", "--no-report")
     assert code == 2 and "--mean describes synthetic inputs; --input replaces them" in err
 
 

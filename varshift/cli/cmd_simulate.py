@@ -133,7 +133,10 @@ def parse_spatial(text: str | None) -> tuple[int, int] | None:
 
 
 def _given(**options: object) -> list[str]:
-    return ["--" + k.replace("_", "-") for k, v in options.items() if v not in (None, False)]
+    """The option names that were given (not None, not an unset flag)."""
+    return [
+        "--" + k.replace("_", "-") for k, v in options.items() if v is not None and v is not False
+    ]
 
 
 def _check_applicable(
@@ -176,7 +179,7 @@ def config_metadata(
         "eps": preset.eps,
         "batch_size": config.batch_size,
         "samples": config.samples,
-        "epochs": config.epochs,
+        "epochs": config.epochs if config.steps is None else None,
         "steps": config.steps,
         "drop_last": config.drop_last,
         "features": config.features,
