@@ -237,3 +237,10 @@ def test_report_names_change_with_parameters_and_version() -> None:
     assert report_stem(dict(params), "1.0") == stem
     assert report_stem(params, "1.1") != stem
     assert report_stem({**params, "rate": 0.3}, "1.0") != stem
+
+
+def test_tf_keras_outside_conv_gets_a_note() -> None:
+    code, _, err = run("--framework", "tf-keras", *SMALL)
+    assert code == 0 and "note: tf-keras stores the unbiased variance only on its fused" in err
+    code, _, err = run("--framework", "tf-keras", "--topology", "conv", *SMALL)
+    assert code == 0 and err == ""

@@ -18,7 +18,7 @@ import pytest
 
 from varshift.conventions import Preset, resolve_preset
 from varshift.errors import InputFileError, ValidationError
-from varshift.noise import InputMoments
+from varshift.noise import Dropout, InputMoments
 from varshift.simulate import (
     BNState,
     Chunk,
@@ -28,6 +28,7 @@ from varshift.simulate import (
     load_activations,
     simulate,
 )
+from varshift.theory import running_stats
 
 EPS64 = float(np.finfo(np.float64).eps)
 ALPHA_PRIME = -1.7580993408473766  # SELU scale * alpha, negated (PyTorch/Keras AlphaDropout)
@@ -286,6 +287,14 @@ def test_expectations_match_closed_forms_written_here() -> None:
         mu4 = ym[3] - 4 * ym[0] * ym[2] + 6 * ym[0] ** 2 * ym[1] - 3 * ym[0] ** 4
         var_s = mu4 / b - train**2 * (b - 3) / (b * (b - 1))
         assert row.batch_var_sd == pytest.approx(math.sqrt(var_s), rel=1e-9)
+        # The same numbers through varshift.theory.running_stats (i.i.d. batches): only the
+        # finite-population term v/(N-1) separates the two expectations.
+        out = Dropout("bernoulli", rate).train_moments(InputMoments.from_samples(data[:, j]))
+        iid = running_stats(out, resolve_preset("torch"), b, steps)
+        assert row.batch_var_sd == pytest.approx(iid.batch_var_sd, rel=1e-9)
+        assert row.running_var_expected == pytest.approx(
+            iid.expected_var + (1 - resid) * v / (big_n - 1), rel=1e-12
+        )
 
 
 def test_running_mean_band_of_one_batch_is_the_exact_batch_mean_sd() -> None:

@@ -446,6 +446,13 @@ def simulate(
         lr=1e-3 if lr is None else lr,
         probe=1.0 if probe is None else probe,
     )
+    if preset.name == "tf-keras" and topology is not Topology.conv:
+        # conventions.py: the tf-keras preset is TF's fused kernel, used for 4-D/5-D inputs only.
+        stderr_console(quiet).print(
+            "note: tf-keras stores the unbiased variance only on its fused (4-D) path; after a "
+            "Dense layer tf.keras stores the biased one, like --framework keras",
+            highlight=False,
+        )
     with progress_bar("simulating", 0, quiet=quiet, delay=1.0) as tick:
         result = run_simulation(config, rng=seed, progress=tick)
 
