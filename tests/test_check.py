@@ -215,7 +215,7 @@ def test_checkpoints_are_compared_layer_by_layer(tmp_path: Path) -> None:
     state["3.running_var"][2] *= 1.5  # one channel of one layer tampered with
     tampered = tmp_path / "tampered.pt"
     torch.save(state, tampered)
-    code, out, err = invoke("check", str(tampered), "--baseline", str(base), "-f", "md")
+    code, _, err = invoke("check", str(tampered), "--baseline", str(base), "-f", "md")
     assert code == 1
     assert "3/var_" in err and "2/" not in err
     (base.with_suffix(".npz")).write_bytes(b"")
