@@ -827,7 +827,8 @@ class SimResult:
     """What :func:`simulate` returns.
 
     ``features`` has one row per BN feature; ``fit`` is set when ``config.fit``; ``weights`` is
-    the linear map used by the ``linear`` topology (``None`` otherwise).
+    the linear map used by the ``linear`` topology (``None`` otherwise); ``trace`` is the
+    running variance along the run when ``simulate(trace=...)`` asked for it.
     """
 
     config: SimConfig
@@ -835,6 +836,34 @@ class SimResult:
     summary: SimSummary
     fit: FitResult | None
     weights: FloatArray | None = field(default=None, compare=False, repr=False)
+    trace: RunningTrace | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class RunningTrace:
+    """The stored running variance along a run, at up to ``trace`` evenly spaced steps.
+
+    Attributes
+    ----------
+    steps:
+        ``(P,)`` updates done, increasing from 0 (the initial value 1) to ``T`` (the end of the
+        run, where ``running_var`` equals the result's).
+    running_var:
+        ``(P, F)`` the simulated running variance after ``steps`` updates (stored convention).
+    running_var_expected, running_var_sd:
+        ``(P, F)`` theory for independent batches of the full size: EMA
+        ``E[R_t] = alpha^t 1 + (1 - alpha^t) E[s]``,
+        ``Var[R_t] = (1-alpha)/(1+alpha) (1 - alpha^(2t)) Var[s]``; cumulative average
+        ``E[R_t] = E[s]``, ``Var[R_t] = Var[s]/t`` (t >= 1). ``E[s]`` and ``Var[s]`` are the
+        rows' ``batch_var_expected`` and ``batch_var_sd²``. At ``t = T`` the rows'
+        ``running_var_expected``/``running_var_sd`` are the exact ones (smaller last batches,
+        rows drawn without replacement within an epoch); this band neglects both.
+    """
+
+    steps: IntArray
+    running_var: FloatArray
+    running_var_expected: FloatArray
+    running_var_sd: FloatArray
 
 
 @dataclass(frozen=True)
@@ -1244,12 +1273,75 @@ def _independent_rows(
     )
 
 
+def _trace_steps(total: int, points: int) -> IntArray:
+    """Up to ``points`` evenly spaced update counts from 0 to ``total`` (both included)."""
+    if points > total:
+        return np.arange(total + 1, dtype=np.int64)
+    return np.unique(np.rint(np.linspace(0.0, total, points)).astype(np.int64))
+
+
+class _Tracer:
+    """Records the running variance at chosen steps, chunk by chunk (memory: points × F)."""
+
+    def __init__(self, steps: IntArray, initial: BNState) -> None:
+        self.steps = steps
+        self.values = np.empty((steps.size, initial.running_var.size))
+        self.next = 0
+        if steps.size and steps[0] == 0:
+            self.values[0] = initial.running_var
+            self.next = 1
+
+    def record(
+        self,
+        before: BNState,
+        means: FloatArray,
+        stored: FloatArray,
+        preset: Preset,
+        after: BNState,
+    ) -> None:
+        """Replay the chunk's updates up to each wanted step inside it; the chunk's end is
+        taken from ``after`` so the last point is exactly the engine's state."""
+        done, k = before.num_batches, means.shape[0]
+        state, pos = before, 0
+        while self.next < self.steps.size and self.steps[self.next] <= done + k:
+            j = int(self.steps[self.next]) - done
+            if j == k:
+                state = after
+            else:
+                state = _advance(state, means[pos:j], stored[pos:j], preset)
+                pos = j
+            self.values[self.next] = state.running_var
+            self.next += 1
+
+
+def _trace_result(plan: _Plan, tracer: _Tracer, band: dict[str, FloatArray]) -> RunningTrace:
+    """The recorded trace beside the independent-batch band of :class:`RunningTrace`."""
+    t = tracer.steps.astype(np.float64)
+    if plan.preset.alpha is None:
+        resid = np.where(t == 0, 1.0, 0.0)
+        sq = np.where(t == 0, 0.0, 1.0 / np.maximum(t, 1.0))
+    else:
+        a = plan.preset.alpha
+        resid = np.power(a, t)
+        # Squared EMA weights sum to (1-a)²(1-a^2t)/(1-a²) (theory.running_stats).
+        sq = (1.0 - a) / (1.0 + a) * (1.0 - np.power(a, 2.0 * t))
+    es = band["batch_var_expected"][None, :]
+    vs = band["batch_var_sd"][None, :] ** 2
+    return RunningTrace(
+        steps=tracer.steps,
+        running_var=tracer.values,
+        running_var_expected=resid[:, None] + (1.0 - resid[:, None]) * es,
+        running_var_sd=np.sqrt(sq[:, None] * vs),
+    )
+
+
 def simulate(
     config: SimConfig,
     rng: np.random.Generator | int | None = None,
     *,
     progress: ProgressCallback | None = None,
     observer: Callable[[Chunk], None] | None = None,
+    trace: int = 0,
 ) -> SimResult:
     """Run a Dropout → BatchNorm pipeline like a training loop and set it beside theory.
 
@@ -1263,6 +1355,10 @@ def simulate(
         Optional ``progress(done_batches, total_batches)``, called after every chunk.
     observer:
         Optional callback receiving every :class:`Chunk` (inputs, noise, BN inputs); for tests.
+    trace:
+        Also record the running variance at up to this many evenly spaced steps, with its
+        predicted band (:class:`RunningTrace`, in ``result.trace``); 0 (default) records
+        nothing. Memory grows with ``trace × features``, never with the steps.
 
     Returns
     -------
@@ -1289,6 +1385,9 @@ def simulate(
     (0.5, 126)
     """
     plan = _plan(config)
+    points = check_int("trace", trace, 0)
+    if points == 1:
+        raise ValidationError("trace must be 0 (off) or >= 2 points; got 1")
     gen = np.random.default_rng(rng)
     rng_data, rng_weights, rng_perm, rng_noise = gen.spawn(4)
     if plan.data is None:
@@ -1305,6 +1404,7 @@ def simulate(
     state = BNState.initial(f)
     clean = BNState.initial(f)
     fit = _Fit(f, plan.lr) if plan.fit else None
+    tracer = _Tracer(_trace_steps(plan.steps, points), state) if points else None
     perm = np.empty((1, plan.rows), dtype=np.int64)
     done = 0
     for spec in _chunks(plan):
@@ -1324,7 +1424,9 @@ def simulate(
             stored = var * (n_of / (n_of - 1))[:, None]
         else:
             stored = var
-        state = _advance(state, means, stored, preset)
+        before, state = state, _advance(state, means, stored, preset)
+        if tracer is not None:
+            tracer.record(before, means, stored, preset, state)
         if fit is not None:
             q, r, mx, vx = _fit_coefficients(x, y, sizes, preset.eps)
             fit.run(q, r)
@@ -1345,7 +1447,7 @@ def simulate(
         done += means.shape[0]
         if progress is not None:
             progress(done, plan.steps)
-    return _assemble(plan, config, data, weights, state, clean, fit)
+    return _assemble(plan, config, data, weights, state, clean, fit, tracer)
 
 
 class _RowSums:
@@ -1467,6 +1569,7 @@ def _assemble(
     state: BNState,
     clean: BNState,
     fit: _Fit | None,
+    tracer: _Tracer | None = None,
 ) -> SimResult:
     """Theory, measurements and the result dataclasses."""
     dropout, preset, f = plan.dropout, plan.preset, plan.features
@@ -1568,7 +1671,8 @@ def _assemble(
     fit_result = None
     if fit is not None:
         fit_result = _fit_result(plan, in_mean, in_var, band, state, clean, fit)
-    return SimResult(config, rows, summary, fit_result, weights)
+    trace = _trace_result(plan, tracer, band) if tracer is not None else None
+    return SimResult(config, rows, summary, fit_result, weights, trace)
 
 
 def _rms(z: FloatArray) -> float:
