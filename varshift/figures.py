@@ -260,6 +260,141 @@ def layer_before_after(
     return fig
 
 
+def feature_bands(
+    names: Sequence[str],
+    expected: ArrayLike,
+    sd: ArrayLike,
+    simulated: ArrayLike,
+    *,
+    k: float = 2.0,
+    target: ArrayLike | None = None,
+    quantity: str = "running variance",
+    title: str | None = None,
+) -> Figure:
+    """Per feature: theory's expected value with its ``±k sd`` band, and the simulated value.
+
+    A dot outside its band disagrees with theory at about the 5% level (``k = 2``).
+    ``target`` (per feature, optional) is drawn as a black tick: for the running variance, the
+    variance the layer sees at test time, so the gap is the variance shift.
+    """
+    mu = np.asarray(expected, dtype=np.float64).ravel()
+    band = k * np.asarray(sd, dtype=np.float64).ravel()
+    sim = np.asarray(simulated, dtype=np.float64).ravel()
+    if not (len(names) == mu.size == band.size == sim.size):
+        raise ValueError(
+            f"names, expected, sd and simulated must have one value per feature; got "
+            f"{len(names)}, {mu.size}, {band.size}, {sim.size}"
+        )
+    x = np.arange(mu.size, dtype=np.float64)
+    fig = _new_figure(min(14.0, max(5.5, 0.3 * mu.size + 2.5)), 4.4)
+    ax = fig.subplots()
+    ax.bar(
+        x,
+        2.0 * band,
+        bottom=mu - band,
+        width=0.6,
+        color="C0",
+        alpha=0.25,
+        label=f"theory ±{k:g} sd",
+    )
+    ax.plot(x, mu, linestyle="none", marker="_", markersize=14, color="C0", label="theory E")
+    ax.plot(x, sim, linestyle="none", marker="o", markersize=5, color="C1", label="simulated")
+    if target is not None:
+        tgt = np.asarray(target, dtype=np.float64).ravel()
+        ax.plot(
+            x,
+            tgt,
+            linestyle="none",
+            marker="_",
+            markersize=14,
+            markeredgewidth=2,
+            color="black",
+            label="test-time variance (dropout off)",
+        )
+    many = len(names) > 12
+    ax.set_xticks(x, list(names), rotation=90 if many else 0, fontsize="small" if many else None)
+    ax.set_xlabel("feature")
+    ax.set_ylabel(quantity)
+    ax.set_title(title or f"Simulated {quantity} against theory, per feature")
+    ax.grid(True, axis="y", color="0.9")
+    ax.legend(fontsize="small")
+    return fig
+
+
+#: Colours of :func:`comparison_chart` by ``check`` mark.
+_MARK_COLORS = {"worse": "C3", "changed": "C1", "better": "C2", "unchanged": "0.65"}
+
+
+def comparison_chart(
+    labels: Sequence[str],
+    difference: ArrayLike,
+    threshold: ArrayLike,
+    marks: Sequence[str],
+    *,
+    title: str | None = None,
+) -> Figure:
+    """``varshift check``: each metric's change in units of its tolerance, one bar per metric.
+
+    The bar is ``difference / threshold``: beyond ±1 (dashed) the change is significant; for a
+    noisy metric it is the z-score over ``--z``. The axis is linear within ±1 and logarithmic
+    beyond, so small and huge changes share one chart. A NaN change (a metric that became or
+    stopped being NaN) is drawn as a cross at 0.
+
+    Parameters
+    ----------
+    labels:
+        ``scenario/metric`` per bar, drawn top to bottom.
+    difference, threshold:
+        ``current - baseline`` and the tolerance it was compared with
+        (:class:`varshift.check.Comparison`).
+    marks:
+        ``better``, ``worse``, ``changed`` or ``unchanged``: the bar's colour.
+    """
+    d = np.asarray(difference, dtype=np.float64).ravel()
+    t = np.asarray(threshold, dtype=np.float64).ravel()
+    if not (len(labels) == d.size == t.size == len(marks)):
+        raise ValueError(
+            f"labels, difference, threshold and marks must have one value per metric; got "
+            f"{len(labels)}, {d.size}, {t.size}, {len(marks)}"
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.where(t > 0, d / np.where(t > 0, t, 1.0), np.sign(d) * np.inf)
+    big = 1e6  # a change with a zero tolerance: drawn at the end of the axis
+    shown = np.clip(np.nan_to_num(scaled, nan=0.0), -big, big)
+    y = np.arange(d.size, dtype=np.float64)
+    fig = _new_figure(7.0, 0.26 * max(d.size, 3) + 1.6)
+    ax = fig.subplots()
+    colors = [_MARK_COLORS.get(m, "C3") for m in marks]
+    ax.barh(y, shown, color=colors, height=0.7)
+    nan = np.isnan(scaled)
+    if nan.any():
+        ax.plot(np.zeros(int(nan.sum())), y[nan], "x", color="C1", markersize=8)
+    for edge in (-1.0, 1.0):
+        ax.axvline(edge, color="black", linestyle="--", linewidth=1.0)
+    ax.axvline(0.0, color="0.4", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.set_xscale("symlog", linthresh=1.0)
+    lim = max(1.5, 1.15 * float(np.max(np.abs(shown)))) if shown.size else 1.5
+    ax.set_xlim(-lim, lim)
+    steps = [0.5, 1.0] + [v for v in (2.0, 5.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6) if v <= lim]
+    ticks = sorted({0.0, *steps, *(-v for v in steps)})
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.set_yticks(y, list(labels), fontsize="small")
+    ax.set_ylim(d.size - 0.5, -0.5)
+    ax.set_xlabel("change / tolerance  (beyond ±1: significant; noisy metrics: z / --z)")
+    ax.grid(True, axis="x", color="0.9")
+    from matplotlib.patches import Patch
+
+    present = [m for m in _MARK_COLORS if m in marks]
+    ax.legend(
+        handles=[Patch(color=_MARK_COLORS[m], label=m) for m in present],
+        fontsize="small",
+        loc="lower right",
+    )
+    ax.set_title(title or "Each metric's change against the baseline")
+    return fig
+
+
 def figure_bytes(fig: Figure, fmt: str) -> bytes:
     """The figure encoded as ``png`` or ``svg``, deterministically (no dates, fixed ids)."""
     from matplotlib import rc_context

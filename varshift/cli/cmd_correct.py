@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
+import pandas as pd
 import typer
 
 from varshift import __version__
@@ -19,11 +21,22 @@ from varshift.cli._common import (
     handle_errors,
     parse_momentum,
 )
+from varshift.cli._outputs import Drawn, inline, preflight, save_all, write_page
 from varshift.conventions import resolve_preset
-from varshift.correct import CorrectionConfig, correct_stats, inspect_stats, parse_layer_rule
+from varshift.correct import (
+    CorrectionConfig,
+    CorrectionResult,
+    LayerCorrection,
+    correct_stats,
+    inspect_stats,
+    parse_layer_rule,
+)
 from varshift.errors import InputFileError, OutputFileError, ValidationError
 from varshift.report import atomic_write, render_text, to_frame
 from varshift.stats_io import BNStats, format_from_extension, read_stats, write_stats
+
+if TYPE_CHECKING:
+    from varshift.html import Section
 
 
 class Method(StrEnum):
@@ -67,7 +80,15 @@ Examples:
   varshift correct model.pt --rate 0.1 --exclude 'stem.*' -o fixed.safetensors
 
   varshift correct model.pt --rate 0.5 --dry-run
+
+  varshift correct model.pt --rate 0.5 --dry-run --plot figs --html correct.html
 """
+
+#: Figure file stem of --plot.
+FIGURE_STEM = "correct_before_after"
+
+#: The before/after chart shows at most this many layers.
+MAX_LAYERS_SHOWN = 60
 
 #: Columns of the human ``inspect`` table (the flags column summarises the boolean ones).
 INSPECT_COLUMNS = [
@@ -232,10 +253,28 @@ def correct(
         typer.Option(help="Report file (.json, .csv or .md) [default: OUTPUT.report.json]."),
     ] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="Write no report file.")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Write the per-layer before/after chart (PNG and SVG) into this folder.",
+        ),
+    ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="Write a self-contained HTML page (table and chart)."),
+    ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Show what would change; write nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Show what would change; write no corrected file and no report (--plot and "
+            "--html are still written: a preview).",
+        ),
     ] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite the output and report.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Overwrite the output, the report and --plot/--html files.")
+    ] = False,
     fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Table format.")] = (
         OutputFormat.table
     ),
@@ -250,7 +289,12 @@ def correct(
     writes the corrected file and a report; the input is never modified. A corrected
     variance ≤ 0 is an error unless it is within noise of zero, then it is clipped to the
     framework's eps with a warning.
+
+    `--plot DIR` draws each layer's mean running variance before and after (PNG and SVG;
+    needs matplotlib); `--html FILE` writes one self-contained page with the chart and the
+    before/after table. Both are written with `--dry-run` too, as a preview.
     """
+    preflight(plot, html, (FIGURE_STEM,), force=force)
     stats = read_stats(file)
     _require_layers(stats)
     preset = resolve_preset(_framework(stats, framework, quiet))
@@ -303,12 +347,64 @@ def correct(
         f"{result.corrected} of {len(result.rows)} BatchNorm layer(s) corrected in {file.name} "
         f"({config.dropout} dropout, {preset.name}, {config.method}, target {config.target})"
     )
+    shown: list[Path] = []
+    if plot is not None or html is not None:
+        drawn = _chart(result.rows, title)
+        if plot is not None:
+            shown += save_all(plot, [drawn])
+        if html is not None:
+            shown.append(write_page(html, "varshift correct", _sections(result, df, drawn), meta))
     emit(df, fmt, metadata=meta, title=title)
     for warning in result.warnings:
         _note(f"warning: {warning}", quiet)
-    _note(
-        f"wrote {' and '.join(map(str, written))}" if written else "dry run: nothing written", quiet
+    if not dry_run:
+        _note(f"wrote {' and '.join(map(str, written))}", quiet)
+    elif shown:
+        _note("dry run: no corrected file or report written", quiet)
+    else:
+        _note("dry run: nothing written", quiet)
+    for path in shown:
+        _note(f"wrote {path}", quiet)
+
+
+def _chart(rows: Sequence[LayerCorrection], title: str) -> Drawn:
+    """Mean running variance per layer, before and after."""
+    from varshift.figures import layer_before_after
+
+    cut = rows[:MAX_LAYERS_SHOWN]
+    fig = layer_before_after(
+        [r.layer for r in cut],
+        [r.var_before for r in cut],
+        [r.var_after for r in cut],
+        ylabel="mean running variance over channels",
+        title="Running variance per BatchNorm layer,\nbefore and after the correction",
     )
+    more = f" (the first {len(cut)} of {len(rows)} layers)" if len(cut) < len(rows) else ""
+    caption = (
+        f"{title}{more}. Each layer's running variance, averaged over its channels, as stored "
+        "(before) and corrected to what the layer sees at test time (after); layers left "
+        "alone have equal bars."
+    )
+    return Drawn(FIGURE_STEM, fig, caption)
+
+
+def _sections(result: CorrectionResult, df: pd.DataFrame, drawn: Drawn) -> list[Section]:
+    from varshift.html import Section, Table
+
+    notes = tuple(f"Warning: {w}" for w in result.warnings)
+    return [
+        Section(
+            "Per-layer running variance",
+            (
+                "var_before and var_after are each layer's running variance averaged over its "
+                "channels; ratio = var_after / var_before (bernoulli with a zero mean: the keep "
+                "probability 1 − rate).",
+                *notes,
+            ),
+            figures=inline([drawn]),
+            tables=(Table(df, "Before and after, one row per BatchNorm layer"),),
+        )
+    ]
 
 
 @dataclass(frozen=True)

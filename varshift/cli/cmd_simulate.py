@@ -24,6 +24,7 @@ from varshift.cli._common import (
     handle_errors,
     parse_momentum,
 )
+from varshift.cli._outputs import Drawn, flat_headers, inline, preflight, save_all, write_page
 from varshift.conventions import Preset, resolve_preset
 from varshift.errors import OutputFileError, ValidationError
 from varshift.render import frame_table, progress_bar, stderr_console, stdout_console
@@ -60,7 +61,18 @@ Examples:
   varshift simulate --rate 0.1 --topology conv --spatial 8x8 --channelwise --framework tf-keras
 
   varshift simulate --rate 0.3 --input activations.npy --momentum none --format csv
+
+  varshift simulate --rate 0.5 --mean 1 --steps 500 --plot figs --html simulate.html
 """
+
+#: The running variance is recorded at up to this many steps for --plot/--html.
+TRACE_POINTS = 2000
+
+#: The per-feature figure shows at most this many features.
+MAX_FEATURES_SHOWN = 64
+
+#: Figure file stems of --plot.
+FIGURE_STEMS = ("simulate_running_var", "simulate_vs_theory")
 
 #: Terminal columns: result field → (header, significant digits); csv/json/report files get
 #: every field. Errors are shown in percent; z-scores with two decimals.
@@ -372,8 +384,23 @@ def simulate(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the result to this file.")
     ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Write figures (PNG and SVG) into this folder: the running variance over the "
+            "steps with its predicted band, and simulated against theory per feature.",
+        ),
+    ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="Write a self-contained HTML page (tables and figures)."),
+    ] = None,
     force: Annotated[
-        bool, typer.Option(help="Overwrite --output or report files with different content.")
+        bool,
+        typer.Option(
+            help="Overwrite --output, --plot/--html files, or report files with different content."
+        ),
     ] = False,
     report_dir: Annotated[
         Path,
@@ -398,6 +425,11 @@ def simulate(
     (dropout off), the measured and theoretical shift ratios, and the data-free correction with
     its error. Reports (CSV, Markdown, JSON with all parameters and the seed) go to
     --report-dir; rerunning the same command leaves identical files in place.
+
+    `--plot DIR` draws the running variance of feature 0 over the training steps inside its
+    predicted ±2 sd band, and every feature's simulated running variance against theory with
+    ±2 sd error bars (PNG and SVG; needs matplotlib); `--html FILE` writes one self-contained
+    page with these figures, the tables and the run metadata.
     """
     _check_applicable(
         topology,
@@ -417,6 +449,9 @@ def simulate(
         probe=probe,
         epochs=epochs,
     )
+    if output is not None and output.exists() and not force:
+        raise OutputFileError(f"--output {output}: already exists; pass --force to overwrite it")
+    preflight(plot, html, FIGURE_STEMS, force=force)
     data = load_activations(input_file) if input_file is not None else None
     weight_array = load_activations(weights) if weights is not None else None
     preset = resolve_preset(framework.value, parse_momentum(momentum))
@@ -454,7 +489,12 @@ def simulate(
             highlight=False,
         )
     with progress_bar("simulating", 0, quiet=quiet, delay=1.0) as tick:
-        result = run_simulation(config, rng=seed, progress=tick)
+        result = run_simulation(
+            config,
+            rng=seed,
+            progress=tick,
+            trace=TRACE_POINTS if plot is not None or html is not None else 0,
+        )
 
     params = config_metadata(config, seed, input_file, weights)
     meta = {
@@ -477,7 +517,17 @@ def simulate(
         "Δ sim = test var (real) / run var"
     )
     frame = result_frame(result)
+    written: list[Path] = []
+    if plot is not None or html is not None:
+        drawn = figures(result)
+        if plot is not None:
+            written += save_all(plot, drawn)
+        if html is not None:
+            sections = page_sections(result, frame, drawn, title, caption)
+            written.append(write_page(html, "varshift simulate", sections, meta))
     _emit(result, frame, fmt, meta, title, caption, output, force)
+    for path in written:
+        stderr_console(quiet).print(f"wrote {path}", highlight=False)
 
     if not no_report:
         paths, unchanged = write_reports(
@@ -487,6 +537,104 @@ def simulate(
         stderr_console(quiet).print(
             f"reports {verb}: {', '.join(str(p) for p in paths)}", highlight=False
         )
+
+
+def figures(result: SimResult) -> list[Drawn]:
+    """The running variance over the steps (feature 0) and simulated against theory."""
+    from varshift.figures import feature_bands, running_variance
+
+    tr = result.trace
+    assert tr is not None, "figures need simulate(trace=...)"
+    first = result.features[0]
+    s = result.summary
+    alpha = result.config.preset.alpha
+    decay = "cumulative average" if alpha is None else f"EMA α = {alpha:g}"
+    many = f" (of {s.features})" if s.features > 1 else ""
+    trace_fig = running_variance(
+        tr.steps,
+        tr.running_var[:, 0],
+        tr.running_var_expected[:, 0],
+        tr.running_var_sd[:, 0],
+        target=first.test_var,
+        title=f"Running variance of feature 0{many}\n{result.config.dropout} dropout, rate "
+        f"{result.config.rate:g}, {result.config.preset.name} ({decay})",
+    )
+    every = tr.steps.size == s.steps + 1
+    points = "every step" if every else f"{tr.steps.size} evenly spaced steps"
+    trace_caption = (
+        f"The running variance BatchNorm stores for feature 0, at {points} of {s.steps}, "
+        "beside theory's expected value and ±2 sd band for independent batches. It starts at "
+        "1 and settles around the dropout-inflated training variance; the dashed line is the "
+        "variance the layer sees at test time (dropout off): the gap is the variance shift. "
+        "At the last step the table's band is exact (it also accounts for rows drawn without "
+        "replacement within an epoch, which narrows it for long averages)."
+    )
+    rows = result.features[:MAX_FEATURES_SHOWN]
+    vs_fig = feature_bands(
+        [r.feature for r in rows],
+        [r.running_var_expected for r in rows],
+        [r.running_var_sd for r in rows],
+        [r.running_var for r in rows],
+        target=[r.test_var for r in rows],
+        title=f"Running variance after {s.steps} steps: simulated against theory",
+    )
+    shown = f"the first {len(rows)} of {s.features} features" if len(rows) < s.features else ""
+    vs_caption = (
+        f"Per feature{' (' + shown + ')' if shown else ''}: the simulated running variance at "
+        "the end of the run (dot) inside theory's expected value ±2 sd (band; the table's "
+        "E[run var] and sd, z its distance in sd), and the variance BN sees at test time "
+        "(black tick): the gap between tick and band is the variance shift."
+    )
+    return [
+        Drawn(FIGURE_STEMS[0], trace_fig, trace_caption),
+        Drawn(FIGURE_STEMS[1], vs_fig, vs_caption),
+    ]
+
+
+def page_sections(
+    result: SimResult, frame: pd.DataFrame, drawn: list[Drawn], title: str, caption: str
+) -> list[Any]:
+    """The page: the trace, the per-feature comparison with its table, --fit, every column."""
+    from varshift.html import Section, Table
+
+    figs = inline(drawn)
+    main = display_frame(to_frame([*result.features, result.summary.mean]), MAIN_COLUMNS)
+    sections = [
+        Section(
+            "Running variance over training",
+            (title + ".",),
+            figures=figs[:1],
+        ),
+        Section(
+            "Per feature: simulation beside theory",
+            (
+                "Errors are in percent. Δ sim = test var (real) / run var; z = (run var "
+                "simulated − E[run var]) / sd.",
+            ),
+            figures=figs[1:],
+            tables=(Table(flat_headers(main), caption),),
+        ),
+    ]
+    if result.fit is not None:
+        fit_df = display_frame(to_frame([*result.fit.rows, result.fit.mean]), FIT_COLUMNS)
+        sections.append(
+            Section(
+                "--fit: γ and β trained to reproduce the input",
+                (
+                    f"Identity target, Adam lr {result.fit.lr:g}; test-time output for input "
+                    f"{result.fit.rows[0].probe:g} (a perfect model returns it).",
+                ),
+                tables=(Table(flat_headers(fit_df)),),
+            )
+        )
+    sections.append(
+        Section(
+            "Every column",
+            ("One row per feature and their mean, as in the CSV report.",),
+            tables=(Table(frame),),
+        )
+    )
+    return sections
 
 
 def _emit(
