@@ -341,6 +341,44 @@ def test_check_page_when_nothing_regressed(tmp_path: Path) -> None:
     assert len(read_tables(text)) == 1
 
 
+def test_big_inputs_chart_a_readable_subset(tmp_path: Path) -> None:
+    """50 metrics: the chart shows the regressions and the largest other changes (40); 70
+    layers: the before/after chart shows the first 60. The tables keep every row."""
+    rows = [
+        {"scenario": f"s{i:02d}", "metric": "shift_ratio", "value": 0.5, "sd": 0.01}
+        for i in range(50)
+    ]
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"metadata": {}, "rows": rows}))
+    rows[7] = {**rows[7], "value": 0.3}
+    cur = tmp_path / "cur.json"
+    cur.write_text(json.dumps({"metadata": {}, "rows": rows}))
+    page = tmp_path / "check.html"
+    assert run("check", cur, "--baseline", base, "--html", page, "-q")[0] == 1
+    text = page.read_text()
+    assert "for the 40 largest changes of 50 metrics, regressions first" in text
+    assert len(read_tables(text)[1]) == 50
+    lines = ["layer,channel,mean,var"] + [f"bn{i:02d},0,0.0,2.0" for i in range(70)]
+    stats = tmp_path / "many.csv"
+    stats.write_text("\n".join(lines) + "\n")
+    page = tmp_path / "correct.html"
+    code, _, err = run("correct", stats, "--rate", "0.5", "--dry-run", "--html", page, "-q")
+    assert code == 0, err
+    text = page.read_text()
+    assert "(the first 60 of 70 layers)" in text and len(read_tables(text)[0]) == 70
+
+
+def test_check_of_two_checkpoints_has_a_page(tmp_path: Path, stats_csv: Path) -> None:
+    fixed = tmp_path / "fixed.csv"
+    assert run("correct", stats_csv, "--rate", "0.5", "-o", fixed, "--no-report", "-q")[0] == 0
+    page, figs = tmp_path / "ck.html", tmp_path / "figs"
+    code, _, _ = run("check", fixed, "--baseline", stats_csv, "--html", page, "--plot", figs)
+    assert code == 1  # every variance changed, and checkpoint metrics have no orientation
+    assert_figures(figs, "check_comparison")
+    table = read_tables(page.read_text())[1]
+    assert len(table) == 3 * 5 and set(table["mark"]) == {"changed", "unchanged"}
+
+
 # --- bad input, the same for every command -----------------------------------------------------
 
 

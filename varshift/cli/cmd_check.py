@@ -202,9 +202,13 @@ def _chart(result: CheckResult) -> Drawn | None:
         [c.mark for c in shown],
         title=summary_line(result).removeprefix("varshift check: "),
     )
-    cut = f"the {len(shown)} largest of {len(rows)}" if len(shown) < len(rows) else "every"
+    what = (
+        f"the {len(shown)} largest changes of {len(rows)} metrics"
+        if len(shown) < len(rows)
+        else f"all {len(rows)} metric(s)"
+    )
     caption = (
-        f"Current against baseline, {cut} metric(s), regressions first: each change divided "
+        f"Current against baseline for {what}, regressions first: each change divided "
         "by its tolerance max(z·√(sd_base² + sd_cur²), atol + rtol·|base|). Beyond the dashed "
         "lines at ±1 a change is significant; for a noisy metric the bar is its z-score "
         "divided by --z. The axis is logarithmic beyond ±1. --fail-if hits are in the tables."
