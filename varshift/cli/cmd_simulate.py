@@ -427,9 +427,9 @@ def simulate(
     --report-dir; rerunning the same command leaves identical files in place.
 
     `--plot DIR` draws the running variance of feature 0 over the training steps inside its
-    predicted ±2 sd band, and every feature's simulated running variance against theory with
-    ±2 sd error bars (PNG and SVG; needs matplotlib); `--html FILE` writes one self-contained
-    page with these figures, the tables and the run metadata.
+    predicted ±2 sd band, and each feature's (up to 64) simulated running variance against
+    theory with ±2 sd error bars (PNG and SVG; needs matplotlib); `--html FILE` writes one
+    self-contained page with these figures, the tables and the run metadata.
     """
     _check_applicable(
         topology,
