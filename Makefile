@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   ?= simulate --rate 0.2
 
-.PHONY: demo test lint typecheck pytest bench reports baseline clean browser
+.PHONY: demo test lint typecheck pytest regression bench reports baseline clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,23 @@ typecheck: $(VENV)/.test
 pytest: $(VENV)/.test
 	$(BIN)/python -m pytest -q
 
-test: lint typecheck pytest
+# The report suite regenerated and checked against the committed baseline: fails (exit 1) when a
+# scenario's numbers regress; readable reports land in build/check/ (Markdown and JUnit).
+CHECK_DIR := build/check
+regression: $(VENV)/.test
+	$(BIN)/varshift suite --report-dir $(CHECK_DIR) --force --quiet
+	$(BIN)/varshift check $(CHECK_DIR)/suite.json --baseline reports/baseline.json \
+		--junit $(CHECK_DIR)/check.xml --markdown $(CHECK_DIR)/check.md --force --quiet
+
+test: lint typecheck pytest regression
+
+# The suite under reports/ (CSV, Markdown, JSON).
+reports: $(VENV)/.core
+	$(BIN)/varshift suite --report-dir reports --force
+
+# Update the committed baseline on purpose: review `git diff reports/baseline.json`, then commit.
+baseline: reports
+	cp reports/suite.json reports/baseline.json
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/run.py

@@ -17,10 +17,11 @@ from varshift.cli._common import app
 from varshift.cli.cmd_check import check
 from varshift.cli.cmd_correct import correct, inspect
 from varshift.cli.cmd_simulate import simulate
+from varshift.cli.cmd_suite import suite
 from varshift.cli.cmd_sweep import sweep
 from varshift.cli.cmd_theory import theory
 
-__all__ = ["app", "check", "correct", "inspect", "main", "simulate", "sweep", "theory"]
+__all__ = ["app", "check", "correct", "inspect", "main", "simulate", "suite", "sweep", "theory"]
 
 
 def _version(value: bool) -> None:

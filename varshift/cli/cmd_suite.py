@@ -1,0 +1,63 @@
+"""``varshift suite``: run the standard report suite that CI checks against a baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from varshift.cli._common import app, handle_errors
+from varshift.render import progress_bar
+from varshift.report import to_frame, write_report
+from varshift.suite import run_suite, scenarios, suite_metadata
+
+EPILOG = """\
+Examples:
+
+  varshift suite                                  # writes reports/suite.{csv,md,json}
+
+  varshift suite --report-dir build/check --force
+
+  varshift suite --seed 7 --stem suite-seed7
+
+  varshift check reports/suite.json --baseline reports/baseline.json
+"""
+
+
+@app.command(epilog=EPILOG)
+@handle_errors
+def suite(
+    report_dir: Annotated[
+        Path, typer.Option("--report-dir", help="Folder for the report files.")
+    ] = Path("reports"),
+    stem: Annotated[str, typer.Option(help="File name stem of the report files.")] = "suite",
+    seed: Annotated[int, typer.Option(help="Seed of every simulation in the suite.")] = 0,
+    quick: Annotated[
+        bool, typer.Option(help="Smaller simulations (same scenarios); for tests.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite existing report files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No messages.")] = False,
+) -> None:
+    """Run the fixed scenarios (the classic experiment, a rate sweep, every dropout kind, every
+    framework preset, the wide linear case at several widths and correlations) and write one
+    long-form report: `scenario, metric, value, sd, better`.
+
+    Closed-form metrics (`theory.*`) are deterministic (sd 0); Monte-Carlo metrics (`sim.*`)
+    carry their standard deviation across seeds, so `varshift check` compares them within noise.
+    The same seed gives byte-identical files.
+    """
+    total = len(scenarios(quick))
+    with progress_bar("suite", total, quiet=quiet) as update:
+        rows = run_suite(seed, quick=quick, progress=update)
+    paths = write_report(
+        to_frame(rows),
+        report_dir,
+        stem,
+        suite_metadata(seed, quick),
+        title=f"varshift report suite (seed {seed})",
+        force=force,
+    )
+    if not quiet:
+        for p in paths:
+            typer.echo(f"wrote {p}", err=True)
