@@ -171,7 +171,7 @@ class SimConfig:
     fit: bool = False
     lr: float = 1e-3
     probe: float = 1.0
-    chunk_elements: int = 1 << 20
+    chunk_elements: int = 1 << 18  # cache-sized chunks: faster than 1 << 20 (bench/)
 
 
 @dataclass(frozen=True, eq=False)
@@ -590,11 +590,20 @@ def _reduce_axes(ndim: int) -> tuple[int, ...]:
 
 
 def _batch_moments(z: FloatArray, axes: tuple[int, ...]) -> tuple[FloatArray, FloatArray]:
-    """Two-pass batch mean and *biased* variance (÷ n) over ``axes``."""
-    m = z.mean(axis=axes, keepdims=True)
-    dev = z - m
-    v = (dev * dev).mean(axis=axes)
-    return np.squeeze(m, axis=axes), v
+    """Two-pass batch mean and *biased* variance (÷ n) over ``axes``.
+
+    The reduced axes are first copied to the end of one contiguous array: NumPy sums a
+    contiguous last axis with SIMD pairwise summation, several times faster (and no less
+    accurate) than a middle axis whose inner stride is only the few features; the copy is then
+    reused in place for the deviations, so the pass allocates one array, not three.
+    """
+    kept = [a for a in range(z.ndim) if a not in axes]
+    n = math.prod(z.shape[a] for a in axes)
+    work = z.transpose(*kept, *axes).copy().reshape(*(z.shape[a] for a in kept), n)
+    mean = work.sum(axis=-1) / n
+    work -= mean[..., None]
+    np.square(work, out=work)
+    return mean, work.sum(axis=-1) / n
 
 
 def _stored_factor(preset: Preset, n: int) -> float:
@@ -1070,14 +1079,15 @@ class _Schedule:
 _PAIRS = (("m", "m"), ("v", "v"), ("d", "d"), ("v", "d"))
 
 
-def _schedule(plan: _Plan, block: int = 1 << 18) -> _Schedule:
+def _schedule(plan: _Plan, block: int = 1 << 15) -> _Schedule:
     """Sum the running-average weights ``w_t`` over the schedule, in bounded memory.
 
     EMA: ``w_t = (1-alpha) alpha^(T-t)``; cumulative: ``1/T``. For per-row coefficients
     ``m_t = w_t/n_t`` (running mean), ``v_t = w_t f_t/n_t`` and ``d_t = w_t f_t/n_t²`` (running
     variance, see :func:`_band`) the correction of pair ``(a, b)`` is
     ``sum_t b_t a_t b_t - sum_epochs (sum_{t in epoch} b_t a_t)(sum_{t in epoch} b_t b_t)``
-    (``b_t`` rows in batch t).
+    (``b_t`` rows in batch t). ``block`` steps at a time: its dozen arrays stay near 4 MB
+    whatever the number of steps (``bench/``: peak memory at 1000 epochs as at 10).
     """
     total, per_epoch, preset = plan.steps, plan.per_epoch, plan.preset
     p = plan.positions
@@ -1411,7 +1421,7 @@ def simulate(
         if spec.r0 == 0:
             perm = np.stack([rng_perm.permutation(plan.rows) for _ in range(spec.n_epochs)])
         rows = perm[:, spec.r0 : spec.r1]
-        x = data[rows]
+        x = np.take(data, rows, axis=0)  # same gather as data[rows], several times faster
         noise = np.asarray(
             dropout.sample_noise((*rows.shape, *plan.mask_shape), rng_noise), dtype=np.float64
         )
