@@ -579,8 +579,8 @@ def _advance(state: BNState, means: FloatArray, stored: FloatArray, preset: Pres
     a = preset.alpha
     w = (1.0 - a) * np.power(a, np.arange(k - 1, -1, -1, dtype=np.float64))
     decay = a**k
-    rm = decay * state.running_mean + (w[:, None] * means).sum(axis=0)
-    rv = decay * state.running_var + (w[:, None] * stored).sum(axis=0)
+    rm = decay * state.running_mean + w @ means
+    rv = decay * state.running_var + w @ stored
     return BNState(rm, rv, state.num_batches + k)
 
 
@@ -602,8 +602,7 @@ def _batch_moments(z: FloatArray, axes: tuple[int, ...]) -> tuple[FloatArray, Fl
     work = z.transpose(*kept, *axes).copy().reshape(*(z.shape[a] for a in kept), n)
     mean = work.sum(axis=-1) / n
     work -= mean[..., None]
-    np.square(work, out=work)
-    return mean, work.sum(axis=-1) / n
+    return mean, np.einsum("...i,...i->...", work, work) / n
 
 
 def _stored_factor(preset: Preset, n: int) -> float:
