@@ -5,48 +5,18 @@ Needs Debian's chromium (`make browser` installs it); skipped when it is not on 
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _browser import chromium, needs_chromium
 from typer.testing import CliRunner
 
 from varshift.cli import app
 
 pytest.importorskip("matplotlib")
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (make browser installs it)"
-)
-
-
-def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM is not None
-    return subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            # Any attempt to reach the network fails: the page must need none.
-            "--host-resolver-rules=MAP * ~NOTFOUND",
-            f"--user-data-dir={profile}",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +33,7 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_page_renders_its_figure_in_chromium(page: Path, tmp_path: Path) -> None:
     shot = tmp_path / "shot.png"
-    done = _chromium(
+    done = chromium(
         tmp_path / "profile",
         f"--screenshot={shot}",
         "--window-size=1200,1600",
@@ -86,7 +56,7 @@ def test_the_page_renders_its_figure_in_chromium(page: Path, tmp_path: Path) -> 
 
 
 def test_the_dom_holds_the_inline_svg(page: Path, tmp_path: Path) -> None:
-    done = _chromium(tmp_path / "profile", "--dump-dom", page.resolve().as_uri())
+    done = chromium(tmp_path / "profile", "--dump-dom", page.resolve().as_uri())
     dom = done.stdout
     assert "<h1>varshift sweep</h1>" in dom, done.stderr[-2000:]
     assert dom.count("<svg") == 1 and "</svg>" in dom

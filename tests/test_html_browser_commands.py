@@ -7,53 +7,23 @@ Needs Debian's chromium (`make browser` installs it); skipped when it is not on 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _browser import chromium, needs_chromium
 from typer.testing import CliRunner
 
 from varshift.cli import app
 
 pytest.importorskip("matplotlib")
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (make browser installs it)"
-)
+pytestmark = needs_chromium
 
 #: matplotlib's C1 (orange: the simulated running variance and values) and C3 (red: the
 #: stored variance before the correction, and a regression).
 ORANGE = (0xFF, 0x7F, 0x0E)
 RED = (0xD6, 0x27, 0x28)
-
-
-def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM is not None
-    return subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            # Any attempt to reach the network fails: the page must need none.
-            "--host-resolver-rules=MAP * ~NOTFOUND",
-            f"--user-data-dir={profile}",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def _invoke(*args: str | Path, code: int = 0) -> None:
@@ -110,7 +80,7 @@ def test_the_page_renders_its_figures_in_chromium(
     pages: dict[str, Path], tmp_path: Path, name: str, colour: tuple[int, int, int]
 ) -> None:
     shot = tmp_path / f"{name}.png"
-    done = _chromium(
+    done = chromium(
         tmp_path / "profile",
         f"--screenshot={shot}",
         "--window-size=1200,1600",
@@ -138,7 +108,7 @@ def test_the_page_renders_its_figures_in_chromium(
 def test_the_dom_holds_the_inline_svgs_and_tables(
     pages: dict[str, Path], tmp_path: Path, name: str, svgs: int, tables: int, text: str
 ) -> None:
-    done = _chromium(tmp_path / "profile", "--dump-dom", pages[name].resolve().as_uri())
+    done = chromium(tmp_path / "profile", "--dump-dom", pages[name].resolve().as_uri())
     dom = done.stdout
     assert f"<h1>varshift {name}</h1>" in dom, done.stderr[-2000:]
     assert dom.count("<svg") == svgs and dom.count("</svg>") == svgs
