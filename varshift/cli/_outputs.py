@@ -1,9 +1,10 @@
-"""``--plot DIR`` and ``--html FILE`` for simulate, correct and check: checks before any work,
-then the figures (PNG and SVG) and the self-contained page.
+"""``--plot DIR`` and ``--html FILE`` (and the ``--output`` check) for simulate, correct, check
+and sweep: checks before any work, then the figures (PNG and SVG) and the self-contained page.
 
-The rules are sweep's: matplotlib missing, an unwritable folder or an existing file without
-``--force`` is a one-line error (exit 2) raised before the command does its work; nothing is
-written until everything has been checked.
+Matplotlib missing, an unwritable folder or an existing file without ``--force`` is a one-line
+error (exit 2) raised before the command does its work; nothing is written until everything has
+been checked (sweep knows its figures only after its work: it checks them then, before writing
+any).
 """
 
 from __future__ import annotations
@@ -30,12 +31,23 @@ class Drawn:
     caption: str
 
 
-def preflight(plot: Path | None, html: Path | None, stems: Sequence[str], *, force: bool) -> None:
-    """Fail before any work if a figure or the page cannot be written.
+def preflight(
+    plot: Path | None,
+    html: Path | None,
+    stems: Sequence[str],
+    *,
+    force: bool,
+    output: Path | None = None,
+) -> None:
+    """Fail before any work if the table, a figure or the page cannot be written.
 
-    Checks that matplotlib is installed, that the folders can be created and written, and that
-    neither ``<plot>/<stem>.png|svg`` nor ``html`` exists unless ``force``.
+    Checks that ``output`` (``--output``) does not exist unless ``force``; then, with ``--plot``
+    or ``--html``, that matplotlib is installed, that the folders can be created and written,
+    and that neither ``<plot>/<stem>.png|svg`` (see :func:`refuse_figures`) nor ``html`` exists
+    unless ``force``.
     """
+    if output is not None and output.exists() and not force:
+        raise OutputFileError(f"--output {output}: already exists; pass --force to overwrite it")
     if plot is None and html is None:
         return
     from varshift.figures import check_output_folder, require_matplotlib
@@ -43,12 +55,21 @@ def preflight(plot: Path | None, html: Path | None, stems: Sequence[str], *, for
     require_matplotlib("--plot" if plot is not None else "--html")
     if plot is not None:
         check_output_folder(plot, "--plot")
-        for stem in stems:
-            for ext in ("png", "svg"):
-                _refuse("--plot", plot / f"{stem}.{ext}", force)
+        refuse_figures(plot, stems, force=force)
     if html is not None:
         check_output_folder(html.parent, "--html")
         _refuse("--html", html, force)
+
+
+def refuse_figures(plot: Path, stems: Sequence[str], *, force: bool) -> None:
+    """Fail if ``<plot>/<stem>.png|svg`` is a folder, or exists and ``force`` is off.
+
+    Part of :func:`preflight`; on its own for a command whose figures are known only after its
+    work (sweep), to be called before any figure is written.
+    """
+    for stem in stems:
+        for ext in ("png", "svg"):
+            _refuse("--plot", plot / f"{stem}.{ext}", force)
 
 
 def _refuse(option: str, path: Path, force: bool) -> None:

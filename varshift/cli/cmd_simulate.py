@@ -449,9 +449,7 @@ def simulate(
         probe=probe,
         epochs=epochs,
     )
-    if output is not None and output.exists() and not force:
-        raise OutputFileError(f"--output {output}: already exists; pass --force to overwrite it")
-    preflight(plot, html, FIGURE_STEMS, force=force)
+    preflight(plot, html, FIGURE_STEMS, force=force, output=output)
     data = load_activations(input_file) if input_file is not None else None
     weight_array = load_activations(weights) if weights is not None else None
     preset = resolve_preset(framework.value, parse_momentum(momentum))

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import pandas as pd
 import typer
 
 from varshift import __version__
 from varshift.cli._common import OutputFormat, app, emit, handle_errors, parse_momentum
+from varshift.cli._outputs import Drawn, inline, preflight, refuse_figures, save_all, write_page
 from varshift.conventions import FRAMEWORKS
-from varshift.errors import OutputFileError, ValidationError
+from varshift.errors import ValidationError
 from varshift.noise import DROPOUT_KINDS
 from varshift.render import progress_bar, stderr_console
 from varshift.report import format_value, to_frame
@@ -189,7 +189,7 @@ def sweep(
         workers=workers,
         force=force,
     )
-    _preflight(output=output, plot=plot, html=html, force=force)
+    preflight(plot, html, (), force=force, output=output)
 
     with progress_bar("sweep", config.n_points, quiet=quiet) as progress:
         result = run_sweep(config, rng=seed, progress=progress)
@@ -208,17 +208,10 @@ def sweep(
     written: list[Path] = []
     figures = _figures(result) if plot is not None or html is not None else []
     if plot is not None:
-        from varshift.figures import save_figure
-
-        _refuse_existing(plot, [stem for stem, _, _ in figures], force)
-        for stem, fig, _ in figures:
-            written += save_figure(fig, plot, stem, force=True)
+        refuse_figures(plot, [d.stem for d in figures], force=force)
+        written += save_all(plot, figures)
     if html is not None:
-        from varshift.html import write_html
-
-        written.append(
-            write_html(html, "varshift sweep", _sections(result, df, figures), meta, force=force)
-        )
+        written.append(write_page(html, "varshift sweep", _sections(result, df, figures), meta))
     emit(
         df,
         fmt,
@@ -237,39 +230,11 @@ def sweep(
         console.print(f"wrote {path}", highlight=False)
 
 
-def _preflight(*, output: Path | None, plot: Path | None, html: Path | None, force: bool) -> None:
-    """Fail before any work if an output cannot be written or matplotlib is missing."""
-    if plot is not None or html is not None:
-        from varshift.figures import check_output_folder, require_matplotlib
-
-        require_matplotlib("--plot" if plot is not None else "--html")
-        if plot is not None:
-            check_output_folder(plot, "--plot")
-        if html is not None:
-            check_output_folder(html.parent, "--html")
-    for option, path in (("--output", output), ("--html", html)):
-        if path is not None and path.exists() and not force:
-            raise OutputFileError(f"{option} {path}: already exists; pass --force to overwrite it")
-
-
-def _refuse_existing(folder: Path, stems: Sequence[str], force: bool) -> None:
-    """Refuse, before writing any, if a figure file exists and ``force`` is off."""
-    if force:
-        return
-    for stem in stems:
-        for ext in ("png", "svg"):
-            target = folder / f"{stem}.{ext}"
-            if target.exists():
-                raise OutputFileError(
-                    f"--plot {target}: already exists; pass --force to overwrite it"
-                )
-
-
-def _figures(result: SweepResult) -> list[tuple[str, Any, str]]:
-    """``(file stem, matplotlib figure, caption)`` for everything this sweep can show."""
+def _figures(result: SweepResult) -> list[Drawn]:
+    """The figures (file stem, matplotlib figure, caption) of everything this sweep can show."""
     from varshift.figures import shift_vs_rate, sim_vs_theory
 
-    out: list[tuple[str, Any, str]] = []
+    out: list[Drawn] = []
     for data in rate_figures(result)[:MAX_FIGURES]:
         stem = "shift_vs_rate" + (f"_{data.key}" if data.key else "")
         caption = (
@@ -281,7 +246,7 @@ def _figures(result: SweepResult) -> list[tuple[str, Any, str]]:
                 else "Dropout directly before BatchNorm (case (a))."
             )
         )
-        out.append((stem, shift_vs_rate(data), caption))
+        out.append(Drawn(stem, shift_vs_rate(data), caption))
     if result.config.simulate:
         rows = result.rows
         fig = sim_vs_theory(
@@ -295,7 +260,7 @@ def _figures(result: SweepResult) -> list[tuple[str, Any, str]]:
             "variance after the given steps (Δ with the stored-variance bias and the initial "
             "value's residual weight), one point per grid point, ±2 standard errors."
         )
-        out.append(("sim_vs_theory", fig, caption))
+        out.append(Drawn("sim_vs_theory", fig, caption))
     return out
 
 
@@ -303,10 +268,8 @@ def _figures(result: SweepResult) -> list[tuple[str, Any, str]]:
 MAX_FIGURES = 20
 
 
-def _sections(
-    result: SweepResult, df: pd.DataFrame, figures: list[tuple[str, Any, str]]
-) -> list[Section]:
-    from varshift.html import Figure, Section, Table
+def _sections(result: SweepResult, df: pd.DataFrame, figures: list[Drawn]) -> list[Section]:
+    from varshift.html import Section, Table
 
     sections = []
     if figures:
@@ -318,7 +281,7 @@ def _sections(
                     "time the layer sees the smaller clean variance. Δ = Var_test / Var_train "
                     "measures the mismatch (1 means none).",
                 ),
-                tuple(Figure.from_matplotlib(fig, cap) for _, fig, cap in figures),
+                inline(figures),
             )
         )
     other = [a for a in result.varying if a != "rate"]
