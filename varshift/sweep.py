@@ -337,9 +337,10 @@ class SimStats:
 
 
 @dataclass(frozen=True)
-class SweepRow:
+class SweepRow(GridPoint):
     """One row of the tidy sweep table: coordinates, closed forms, then (optionally) Monte Carlo.
 
+    The coordinates are the fields of :class:`GridPoint`, first and in its order.
     Variances are population variances except ``stored_batch_var`` and ``running_var``, which
     follow the framework's stored convention (biased or unbiased batch variance).
     ``shift_ratio`` is ``Delta = test_var / train_var``; ``recorded_ratio = test_var /
@@ -350,17 +351,6 @@ class SweepRow:
     errors. Every ``sim_*``/``z_*`` field is ``None`` when the sweep was not simulated.
     """
 
-    index: int
-    dropout: str
-    framework: str
-    batch_size: int
-    mean: float
-    var: float
-    topology: str
-    rho: float
-    width: int
-    D: float
-    rate: float
     keep: float
     kappa: float | None
     alpha: float | None
