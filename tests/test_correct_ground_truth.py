@@ -75,6 +75,27 @@ def capture_input(torch: Any, model: Any, layer: Any, x: Any) -> np.ndarray:
     return np.asarray(seen["x"].double().numpy())
 
 
+def train(torch: Any, model: Any, x: Any, y: Any, *, batch: int, updates: int, lr: float) -> None:
+    """Brief SGD training (mean squared error) on batches drawn with replacement, dropout on."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(updates):
+        idx = torch.randint(len(x), (batch,))
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def record_statistics(torch: Any, model: Any, bn: Any, x: Any, *, batch: int, steps: int) -> None:
+    """The statistics pass: ``bn``'s statistics reset, then re-recorded over ``steps`` batches
+    drawn with replacement, with frozen weights and dropout on (the model in training mode)."""
+    bn.reset_running_stats()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(x[torch.randint(len(x), (batch,))])
+
+
 def torch_mlp(torch: Any, rate: float) -> Any:
     return torch.nn.Sequential(
         torch.nn.Linear(4, 16),
@@ -93,19 +114,9 @@ def test_torch_bn1d_corrected_variance_is_the_test_time_variance(tmp_path: Path)
     x = torch.randn(samples, 4)
     y = torch.sin(x @ torch.randn(4, 1)) + 0.1 * torch.randn(samples, 1)
     model = torch_mlp(torch, rate)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(300):
-        idx = torch.randint(samples, (n,))
-        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(torch, model, x, y, batch=n, updates=300, lr=0.05)
     bn = model[3]
-    bn.reset_running_stats()
-    with torch.no_grad():  # the statistics pass: frozen weights, dropout on
-        for _ in range(steps):
-            model(x[torch.randint(samples, (n,))])
+    record_statistics(torch, model, bn, x, batch=n, steps=steps)
     torch.save(model.state_dict(), tmp_path / "model.pt")
 
     assert "| 3       | 16         | 200" in varshift("inspect", tmp_path / "model.pt")
@@ -148,15 +159,8 @@ def test_torch_bn2d_on_images(tmp_path: Path) -> None:
         torch.nn.Flatten(),
         torch.nn.Linear(channels, 1),
     )
-    opt = torch.optim.SGD(model.parameters(), lr=0.02)
-    for _ in range(200):
-        idx = torch.randint(samples, (images,))
-        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(torch, model, x, y, batch=images, updates=200, lr=0.02)
     bn = model[3]
-    bn.reset_running_stats()
     batch_stats: list[tuple[np.ndarray, np.ndarray]] = []
 
     def record(module: Any, inputs: tuple[Any, ...]) -> None:
@@ -164,9 +168,7 @@ def test_torch_bn2d_on_images(tmp_path: Path) -> None:
         batch_stats.append((b.mean(dim=(0, 2, 3)).numpy(), b.var(dim=(0, 2, 3)).numpy()))
 
     handle = bn.register_forward_pre_hook(record)
-    with torch.no_grad():
-        for _ in range(steps):
-            model(x[torch.randint(samples, (images,))])
+    record_statistics(torch, model, bn, x, batch=images, steps=steps)
     handle.remove()
     torch.save(model.state_dict(), tmp_path / "cnn.pt")
     varshift("correct", tmp_path / "cnn.pt", "--rate", str(rate), "-o", tmp_path / "fixed.pt")
