@@ -60,6 +60,26 @@ def assert_close(got: np.ndarray, want: np.ndarray, tol: float, scale: float) ->
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
 
 
+def assert_same_running_stats(
+    result: SimResult,
+    batches: list[tuple[Any, ...]],
+    mean: np.ndarray,
+    var: np.ndarray,
+    *,
+    eps: float,
+    alpha: float | None,
+    n: int,
+) -> None:
+    """The engine's running mean and variance equal a framework's (``mean``, ``var``) within
+    :func:`rounding_tol` for its precision ``eps``, momentum ``alpha`` and ``n`` elements a batch.
+    """
+    rm, rv = stats_of(result)
+    tol = rounding_tol(eps, len(batches), alpha, n, cond_of(batches))
+    scale = float(np.sqrt(rv.max() + rm.max() ** 2))
+    assert_close(rm, mean, tol, scale)
+    assert_close(rv, var, tol, scale)
+
+
 # --- PyTorch --------------------------------------------------------------------------------
 
 
@@ -106,12 +126,16 @@ def test_torch_batchnorm_on_the_engines_masks(torch: Any, case: str) -> None:
             # map of PyTorch's AlphaDropout, checked against torch itself in the next test).
             y = torch.from_numpy(drop.apply(x, noise))
             bn(linear(y) if linear is not None else y)
-    rm, rv = stats_of(result)
     n = 16 * (6 if case == "bn2d-elementwise" else 4 if conv else 1)
-    tol = rounding_tol(EPS64, len(batches), preset.alpha, n, cond_of(batches))
-    scale = float(np.sqrt(rv.max() + rm.max() ** 2))
-    assert_close(rm, bn.running_mean.numpy(), tol, scale)
-    assert_close(rv, bn.running_var.numpy(), tol, scale)
+    assert_same_running_stats(
+        result,
+        batches,
+        bn.running_mean.numpy(),
+        bn.running_var.numpy(),
+        eps=EPS64,
+        alpha=preset.alpha,
+        n=n,
+    )
     assert int(bn.num_batches_tracked) == len(batches) == result.summary.steps
 
 
@@ -204,13 +228,17 @@ def test_keras_batchnormalization_on_the_engines_masks(keras: Any, case: str) ->
     result, batches = engine_batches(config)
     conv = config.topology == "conv"
     bn = run_keras_bn(keras, batches, momentum, conv)
-    rm, rv = stats_of(result)
     n = 16 * (6 if case == "conv-channels-first" else 4 if conv else 1)
     # Keras sees float32 inputs: their rounding (≤ eps32/2 relative each) is inside the bound.
-    tol = rounding_tol(EPS32, len(batches), preset.alpha, n, cond_of(batches))
-    scale = float(np.sqrt(rv.max() + rm.max() ** 2))
-    assert_close(rm, keras_values(bn.moving_mean), tol, scale)
-    assert_close(rv, keras_values(bn.moving_variance), tol, scale)
+    assert_same_running_stats(
+        result,
+        batches,
+        keras_values(bn.moving_mean),
+        keras_values(bn.moving_variance),
+        eps=EPS32,
+        alpha=preset.alpha,
+        n=n,
+    )
 
 
 @pytest.mark.keras
