@@ -275,20 +275,23 @@ class SweepConfig:
     @property
     def n_points(self) -> int:
         """Number of grid points (computed without building the grid)."""
-        widths = len(self.widths) if self.widths else 1
-        ds = len(self.Ds) if self.Ds else 1
-        return math.prod(
-            (
-                len(self.rates),
-                len(self.dropouts),
-                len(self.frameworks),
-                len(self.batch_sizes),
-                len(self.means),
-                len(self.variances),
-                len(self.rhos),
-                widths,
-                ds,
-            )
+        return math.prod(len(axis) for axis in self._product_axes())
+
+    def _product_axes(self) -> tuple[Sequence[Any], ...]:
+        """The axes whose Cartesian product is the grid, in grid order (rate varies fastest).
+
+        Empty ``widths`` or ``Ds`` stand as one unset value, ``None`` (see :func:`grid_points`).
+        """
+        return (
+            self.dropouts,
+            self.frameworks,
+            self.batch_sizes,
+            self.means,
+            self.variances,
+            self.rhos,
+            self.widths or (None,),
+            self.Ds or (None,),
+            self.rates,
         )
 
 
@@ -475,19 +478,7 @@ def _validated(config: SweepConfig) -> SweepConfig:
 def grid_points(config: SweepConfig) -> Iterator[GridPoint]:
     """The grid points of ``config`` in order (rate varies fastest), without evaluating them."""
     linear = config.topology == "linear"
-    widths: Sequence[int | None] = config.widths or (None,)
-    ds: Sequence[float | None] = config.Ds or (None,)
-    product = itertools.product(
-        config.dropouts,
-        config.frameworks,
-        config.batch_sizes,
-        config.means,
-        config.variances,
-        config.rhos,
-        widths,
-        ds,
-        config.rates,
-    )
+    product = itertools.product(*config._product_axes())
     for i, (drop, fw, n, c, v, rho, w, d, rate) in enumerate(product):
         if not linear:
             width, d_eff = 1, 1.0
