@@ -12,7 +12,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,39 @@ def render_text(
     raise ValidationError(f"format must be one of csv, json, md for text output; got {fmt!r}")
 
 
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary file next to ``path`` that atomically replaces it when the block succeeds.
+
+    The temporary file gets the mode a plain ``open()`` would give (``0666 & ~umask``, not
+    mkstemp's 0600); on any error it is removed and ``path`` is left as it was.
+
+    Raises
+    ------
+    OutputFileError
+        If the folder cannot be created or written.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputFileError(f"{folder}: cannot write here ({exc.strerror})") from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def atomic_write(path: Path, data: str | bytes, *, force: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename.
+    """Write ``data`` to ``path`` through a temporary file and a rename (:func:`replacing`).
 
     Raises
     ------
@@ -124,23 +156,8 @@ def atomic_write(path: Path, data: str | bytes, *, force: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not force:
         raise OutputFileError(f"{path}: already exists; pass --force to overwrite it")
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputFileError(f"{folder}: cannot write here ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return path
 
 

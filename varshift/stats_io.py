@@ -43,10 +43,8 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -56,7 +54,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from varshift.errors import InputFileError, MissingDependencyError, OutputFileError
-from varshift.report import atomic_write
+from varshift.report import atomic_write, replacing
 
 FloatArray = NDArray[np.float64]
 
@@ -919,24 +917,6 @@ def _same_source(stats: BNStats, fmt: str) -> bool:
     )
 
 
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary file next to ``path`` that replaces it when the block succeeds."""
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputFileError(f"{folder}: cannot write here ({exc.strerror})") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, data, force=True)
 
@@ -1093,7 +1073,7 @@ def _write_keras(stats: BNStats, path: Path, fmt: str) -> None:
             "rewrites a copy of it); choose .pt, .npz, .safetensors, .csv or .json"
         )
     h5py = _h5py("writing .weights.h5 files")
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         shutil.copyfile(stats.source, tmp)
         with h5py.File(tmp, "r+") as fh:
             for layer in stats.layers.values():
