@@ -39,9 +39,11 @@ def suite(
     force: Annotated[bool, typer.Option(help="Overwrite existing report files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No messages.")] = False,
 ) -> None:
-    """Run the fixed scenarios (the classic experiment, a rate sweep, every dropout kind, every
-    framework preset, the wide linear case at several widths and correlations) and write one
-    long-form report: `scenario, metric, value, sd, better`.
+    """Run the standard report suite that `make test` checks against the baseline.
+
+    Fixed scenarios (the classic experiment, a rate sweep, every dropout kind, every framework
+    preset, the wide linear case at several widths and correlations), written as one long-form
+    report: `scenario, metric, value, sd, better`.
 
     Closed-form metrics (`theory.*`) are deterministic (sd 0); Monte-Carlo metrics (`sim.*`)
     carry their standard deviation across seeds, so `varshift check` compares them within noise.
