@@ -271,19 +271,53 @@ class Dropout:
         x2 = (second - r * d * d - q * b * b - 2 * q * a * b * c) / (q * a * a)
         return c, x2 - c * c
 
-    def sample_noise(
-        self, shape: tuple[int, ...], rng: np.random.Generator, dtype: type = np.float64
-    ) -> FloatArray:
-        """Draw the noise for ``shape`` elements: ``m`` (multiplicative) or the keep indicator."""
-        q = self.keep
+    @property
+    def indicator_scale(self) -> float | None:
+        """``s`` when the noise is ``s`` times the keep indicator: ``1/q`` (bernoulli), 1 (vanilla);
+        ``None`` for the other kinds."""
         if self.kind == "bernoulli":
-            return np.asarray((rng.random(shape, dtype=dtype) < q).astype(dtype) / dtype(q))
-        if self.kind in ("vanilla", "alpha"):
-            return (rng.random(shape, dtype=dtype) < q).astype(dtype)
+            return 1.0 / self.keep
+        return 1.0 if self.kind == "vanilla" else None
+
+    def sample_keep(self, rng: np.random.Generator, out: FloatArray) -> FloatArray:
+        """Draw the keep indicator (1.0 kept, 0.0 dropped, ``P(kept) = q``) into ``out``.
+
+        One uniform per element, in ``out``'s order, as :meth:`sample_noise` draws them; filling a
+        reused buffer in place skips allocating (and page-faulting) a fresh array per call.
+        """
+        rng.random(dtype=out.dtype.type, out=out)
+        return np.less(out, self.keep, out=out)
+
+    def sample_noise(
+        self,
+        shape: tuple[int, ...],
+        rng: np.random.Generator,
+        dtype: type = np.float64,
+        *,
+        out: FloatArray | None = None,
+    ) -> FloatArray:
+        """Draw the noise for ``shape`` elements: ``m`` (multiplicative) or the keep indicator.
+
+        ``out``: a float array of that shape and ``dtype`` to draw into instead of a new one.
+        """
+        q = self.keep
+        if out is None:
+            out = np.empty(shape, dtype=dtype)
+        if self.kind in ("bernoulli", "vanilla", "alpha"):
+            self.sample_keep(rng, out)
+            return np.divide(out, q, out=out) if self.kind == "bernoulli" else out
         if self.kind == "gaussian":
             sd = math.sqrt(self.rate / q)
-            return (1.0 + sd * rng.standard_normal(shape, dtype=dtype)).astype(dtype)
-        return (1.0 + self.beta * (2.0 * rng.random(shape, dtype=dtype) - 1.0)).astype(dtype)
+            rng.standard_normal(dtype=out.dtype.type, out=out)
+            out *= sd
+            out += 1.0
+            return out
+        rng.random(dtype=out.dtype.type, out=out)
+        out *= 2.0
+        out -= 1.0
+        out *= self.beta
+        out += 1.0
+        return out
 
     def apply(self, x: FloatArray, noise: FloatArray) -> FloatArray:
         """Training-mode output for input ``x`` and noise from :meth:`sample_noise`."""

@@ -55,6 +55,7 @@ epoch.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -584,22 +585,47 @@ def _advance(state: BNState, means: FloatArray, stored: FloatArray, preset: Pres
     return BNState(rm, rv, state.num_batches + k)
 
 
-def _reduce_axes(ndim: int) -> tuple[int, ...]:
-    """Axes of an ``(E, K, n, C, *spatial)`` array of batches reduced per channel."""
-    return (2, *range(4, ndim))
+#: Largest ``(elements per batch) × channels`` for which :func:`_batch_moments` sums through a
+#: 0/1 matrix product; beyond it (many channels) the product does too much work.
+_PICK_MAX = 1 << 16
 
 
-def _batch_moments(z: FloatArray, axes: tuple[int, ...]) -> tuple[FloatArray, FloatArray]:
-    """Two-pass batch mean and *biased* variance (÷ n) over ``axes``.
+@functools.lru_cache(maxsize=16)
+def _channel_picker(n: int, channels: int, positions: int) -> FloatArray:
+    """``(n·C·P, C)`` 0/1 matrix: a flattened ``(n, C, P)`` batch times it sums each channel."""
+    pick = np.repeat(np.tile(np.eye(channels), (n, 1)), positions, axis=0)
+    pick.flags.writeable = False
+    return pick
 
-    The reduced axes are first copied to the end of one contiguous array: NumPy sums a
-    contiguous last axis with SIMD pairwise summation, several times faster (and no less
-    accurate) than a middle axis whose inner stride is only the few features; the copy is then
-    reused in place for the deviations, so the pass allocates one array, not three.
+
+def _batch_moments(z: FloatArray, lead: int) -> tuple[FloatArray, FloatArray]:
+    """Two-pass batch mean and *biased* variance (÷ n) of ``z`` shaped ``(*L, n, C, *spatial)``
+    (``lead`` axes ``L``), reduced over the ``n`` rows and the spatial axes per channel.
+
+    A direct sum over the rows axis runs NumPy's inner loop over only the C channels, which is
+    slow for the few channels BN layers here have. Instead every batch is one contiguous row of
+    ``n·C·P`` values and a BLAS product with a 0/1 channel picker sums it (zeros add exactly), for
+    the mean, its broadcast back, and the squared deviations: three small GEMMs and two
+    element-wise passes, about 1.5× faster than transposing the channels to the end. Many
+    channels (a large picker) fall back to that transposed copy.
     """
+    shape = z.shape
+    rows, channels = shape[lead], shape[lead + 1]
+    positions = math.prod(shape[lead + 2 :])
+    n = rows * positions
+    out_shape = (*shape[:lead], channels)
+    if n * channels * channels <= _PICK_MAX:
+        pick = _channel_picker(rows, channels, positions)
+        flat = z.reshape(*shape[:lead], n * channels)  # a view of a chunk's batches
+        mean = np.matmul(flat, pick) / n
+        dev = np.matmul(mean, pick.T)  # the mean of each element's channel, in place below
+        np.subtract(flat, dev, out=dev)
+        np.multiply(dev, dev, out=dev)
+        return mean, np.matmul(dev, pick) / n
+    axes = (lead, *range(lead + 2, z.ndim))
     kept = [a for a in range(z.ndim) if a not in axes]
-    n = math.prod(z.shape[a] for a in axes)
-    work = z.transpose(*kept, *axes).copy().reshape(*(z.shape[a] for a in kept), n)
+    # NumPy sums a contiguous last axis with SIMD pairwise summation; the copy is reused in place.
+    work = z.transpose(*kept, *axes).copy().reshape(*out_shape, n)
     mean = work.sum(axis=-1) / n
     work -= mean[..., None]
     return mean, np.einsum("...i,...i->...", work, work) / n
@@ -674,7 +700,7 @@ def bn_running_stats(
             raise ValidationError(f"every batch must have {channels} channels; got {g.shape[2]}")
         n = g.shape[1] * math.prod(g.shape[3:])
         preset.check_batch(n, "elements per channel")
-        means, var = _batch_moments(g, (1, *range(3, g.ndim)))  # (T, n, C, *spatial)
+        means, var = _batch_moments(g, 1)  # (T, n, C, *spatial)
         st = _advance(st, means, var * _stored_factor(preset, n), preset)
     return st
 
@@ -971,10 +997,10 @@ def _split_stats(z: FloatArray, sizes: tuple[int, ...]) -> tuple[FloatArray, Flo
     k_full = len(sizes) - (1 if sizes and sizes[-1] != sizes[0] else 0)
     b = sizes[0]
     zf = z[:, : k_full * b].reshape(e, k_full, b, *tail)
-    means, var = _batch_moments(zf, _reduce_axes(zf.ndim))
+    means, var = _batch_moments(zf, 2)
     if k_full < len(sizes):
         zp = z[:, k_full * b :].reshape(e, 1, sizes[-1], *tail)
-        mp, vp = _batch_moments(zp, _reduce_axes(zp.ndim))
+        mp, vp = _batch_moments(zp, 2)
         means = np.concatenate([means, mp], axis=1)
         var = np.concatenate([var, vp], axis=1)
     f = means.shape[-1]
@@ -1260,6 +1286,9 @@ def _independent_rows(
 ) -> _RowMoments:
     """:class:`_RowMoments` for elements independent given ``x``; ``k_j`` are ``(N, F, P)``
     cumulants of ``Z_p = y_p - mu``."""
+    if k1.shape[2] == 1:  # one element per row: Q = D², so every moment is E[Z²] or E[Z⁴]
+        _, z2, _, z4 = _moments_from_cumulants(k1[:, :, 0], k2[:, :, 0], k3[:, :, 0], k4[:, :, 0])
+        return _RowMoments(g=g, mu=mu, eq=z2, eq2=z4, ed2=z2, ed4=z4, eqd2=z4)
     e1, e2, e3, e4 = _moments_from_cumulants(k1, k2, k3, k4)
     s1, s2, s3, s4 = (e.sum(axis=2) for e in (e1, e2, e3, e4))
     s11, s22 = (e1 * e1).sum(axis=2), (e2 * e2).sum(axis=2)
@@ -1415,20 +1444,37 @@ def simulate(
     fit = _Fit(f, plan.lr) if plan.fit else None
     tracer = _Tracer(_trace_steps(plan.steps, points), state) if points else None
     perm = np.empty((1, plan.rows), dtype=np.int64)
+    scratch = _Scratch()
+    scale = dropout.indicator_scale
     done = 0
     for spec in _chunks(plan):
         if spec.r0 == 0:
             perm = np.stack([rng_perm.permutation(plan.rows) for _ in range(spec.n_epochs)])
         rows = perm[:, spec.r0 : spec.r1]
-        x = np.take(data, rows, axis=0)  # same gather as data[rows], several times faster
-        noise = np.asarray(
-            dropout.sample_noise((*rows.shape, *plan.mask_shape), rng_noise), dtype=np.float64
-        )
-        y = np.asarray(dropout.apply(x, noise), dtype=np.float64)
+        # Indices are valid, so mode="clip" checks nothing; "raise" would buffer the output.
+        x = scratch.get("x", (*rows.shape, *plan.row_shape))
+        np.take(data, rows, axis=0, out=x, mode="clip")
+        noise = scratch.get("noise", (*rows.shape, *plan.mask_shape))
+        y = scratch.get("y", x.shape)
+        if scale is not None:
+            # Inverted dropout is x·a·s with a the keep indicator: BN sees its statistics from
+            # x·a, times s (mean) and s² (variance) per batch, which saves a pass over the chunk.
+            np.multiply(x, dropout.sample_keep(rng_noise, noise), out=y)
+        else:
+            y = np.asarray(
+                dropout.apply(x, dropout.sample_noise(noise.shape, rng_noise, out=noise))
+            )
         z = y @ weights.T if weights is not None else y
         sizes = _batch_sizes(plan, spec.r0, spec.r1)
         means, var = _split_stats(z, sizes)
         n_of = np.tile(np.asarray(sizes), spec.n_epochs) * plan.positions
+        if scale is not None and scale != 1.0:
+            means *= scale
+            var *= scale * scale
+            if fit is not None or observer is not None:  # they see the layers' true outputs
+                noise *= scale
+                y *= scale
+                z = y @ weights.T if weights is not None else y
         if preset.unbiased:
             stored = var * (n_of / (n_of - 1))[:, None]
         else:
@@ -1447,9 +1493,9 @@ def simulate(
                     first_step=done,
                     epochs=np.arange(spec.epoch, spec.epoch + spec.n_epochs),
                     rows=rows,
-                    x=x,
-                    noise=noise,
-                    bn_input=z,
+                    x=x.copy(),  # the buffers are reused by the next chunk
+                    noise=noise.copy(),
+                    bn_input=z.copy(),
                     batch_rows=sizes,
                 )
             )
@@ -1457,6 +1503,24 @@ def simulate(
         if progress is not None:
             progress(done, plan.steps)
     return _assemble(plan, config, data, weights, state, clean, fit, tracer)
+
+
+class _Scratch:
+    """Named flat buffers reused across chunks, handed out as views of the wanted shape.
+
+    A chunk's arrays are the same size every time; allocating them afresh costs page faults
+    and zeroing of new memory once they exceed malloc's mmap threshold (``bench/``).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, FloatArray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> FloatArray:
+        size = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._buffers[name] = np.empty(size)
+        return buf[:size].reshape(shape)
 
 
 class _RowSums:
@@ -1477,16 +1541,27 @@ class _RowSums:
         total = self.count + k
         w = self.count * k / total
         cols = {name: getattr(rm, name) for name in self.MEANS}
+        # With one element per row several moments are one array (Q = D²): reduce each once.
+        means: dict[int, FloatArray] = {}
+        devs: dict[int, FloatArray] = {}
+        squares: dict[int, FloatArray] = {}
+        for col in cols.values():
+            if id(col) not in means:
+                means[id(col)] = col.mean(axis=0)
+        for name in self.SPREAD:
+            col = cols[name]
+            if id(col) not in devs:
+                devs[id(col)] = col - means[id(col)]
+                squares[id(col)] = (devs[id(col)] ** 2).sum(axis=0)
         delta = {}
         for name, col in cols.items():
-            mb = col.mean(axis=0)
-            delta[name] = mb - self.mean[name]
+            delta[name] = means[id(col)] - self.mean[name]
             if name in self.SPREAD:
-                self.m2[name] = self.m2[name] + ((col - mb) ** 2).sum(axis=0) + delta[name] ** 2 * w
+                self.m2[name] = self.m2[name] + squares[id(col)] + delta[name] ** 2 * w
             self.mean[name] = self.mean[name] + delta[name] * (k / total)
-        dq = cols["eq"] - cols["eq"].mean(axis=0)
-        dd = cols["ed2"] - cols["ed2"].mean(axis=0)
-        self.c = self.c + (dq * dd).sum(axis=0) + delta["eq"] * delta["ed2"] * w
+        dq, dd = devs[id(cols["eq"])], devs[id(cols["ed2"])]
+        cross = squares[id(cols["eq"])] if dq is dd else (dq * dd).sum(axis=0)
+        self.c = self.c + cross + delta["eq"] * delta["ed2"] * w
         self.count = total
 
     @property
