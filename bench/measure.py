@@ -54,9 +54,9 @@ def steps(epochs: int = EPOCHS) -> int:
 
 
 def classic_config(epochs: int = EPOCHS, *, fit: bool = False) -> Any:
-    """The classic experiment as a :class:`varshift.simulate.SimConfig` (statistics only)."""
-    from varshift.conventions import resolve_preset
-    from varshift.simulate import SimConfig
+    """The classic experiment as a :class:`varshift.engine.simulate.SimConfig` (statistics only)."""
+    from varshift.core.presets import resolve_preset
+    from varshift.engine.simulate import SimConfig
 
     return SimConfig(
         rate=RATE,
@@ -73,8 +73,8 @@ def classic_config(epochs: int = EPOCHS, *, fit: bool = False) -> Any:
 
 
 def run_engine(epochs: int = EPOCHS, *, fit: bool = False, seed: int = SEED) -> Stats:
-    """``varshift.simulate`` on the classic experiment; its final running statistics."""
-    from varshift.simulate import simulate
+    """``varshift.engine.simulate`` on the classic experiment; its final running statistics."""
+    from varshift.engine.simulate import simulate
 
     res = simulate(classic_config(epochs, fit=fit), rng=seed)
     return {
@@ -155,7 +155,7 @@ def floor_draws(epochs: int = EPOCHS, seed: int = SEED) -> Stats:
 
 def engine_consumption(epochs: int = EPOCHS) -> dict[str, int]:
     """What the engine actually draws for the classic run, counted with ``observer=``."""
-    from varshift.simulate import Chunk, simulate
+    from varshift.engine.simulate import Chunk, simulate
 
     seen = {"noise_elements": 0, "epochs": 0}
 
@@ -230,7 +230,7 @@ def profile_engine(repeat: int = 3) -> dict[str, Any]:
     import pstats
     from pathlib import Path
 
-    import varshift.simulate
+    import varshift.engine.simulate
 
     run_engine()
     runs = []
@@ -244,7 +244,7 @@ def profile_engine(repeat: int = 3) -> dict[str, Any]:
     total, prof = min(runs, key=lambda r: r[0])
 
     # The permutations are the list comprehension on the line that calls rng_perm.permutation.
-    source = Path(varshift.simulate.__file__).read_text().splitlines()
+    source = Path(varshift.engine.simulate.__file__).read_text().splitlines()
     perm_line = next(i + 1 for i, text in enumerate(source) if "rng_perm.permutation(" in text)
     spent = dict.fromkeys(PHASES.values(), 0.0)
     table = pstats.Stats(prof).stats
@@ -269,7 +269,7 @@ def memory_one(epochs: int, mode: str) -> dict[str, Any]:
     buffers to tracemalloc), excluding the interpreter and imported modules.
     ``baseline``: imports only, for the RSS every run starts from.
     """
-    import varshift.simulate  # noqa: F401  (the imports a run pays for, in every mode)
+    import varshift.engine.simulate  # noqa: F401  (the imports a run pays for, in every mode)
 
     out: dict[str, Any] = {"epochs": epochs, "mode": mode, "steps": steps(epochs)}
     if mode == "baseline":

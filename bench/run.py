@@ -133,16 +133,16 @@ def memory() -> dict[str, dict[str, Any]]:
 
 
 def consistency(stats: dict[str, float | list[float]], framework: str) -> dict[str, Any]:
-    """z-scores of the final running statistics against ``varshift.theory.running_stats``.
+    """z-scores of the final running statistics against ``varshift.core.theory.running_stats``.
 
     The noise band adds to the EMA noise of theory (independent batches of 32) the spread that
     drawing a finite dataset of ``ROWS`` rows causes, for normal inputs (the sample mean
     ``~ N(c, v/N)``, the sample variance with variance ``2v²/N``); the running variance
     depends on the dataset through ``kappa (c² + v) - c²``.
     """
-    from varshift.conventions import resolve_preset
-    from varshift.noise import Dropout, InputMoments
-    from varshift.theory import running_stats
+    from varshift.core.dropout import Dropout, InputMoments
+    from varshift.core.presets import resolve_preset
+    from varshift.core.theory import running_stats
 
     preset = resolve_preset(framework, 1.0 - m.DECAY if framework == "torch" else m.DECAY)
     dropout = Dropout("bernoulli", m.RATE)
@@ -522,7 +522,8 @@ def main() -> int:
             "## Same statistics (apples to apples)",
             "",
             "Final running statistics, averaged over the 5 features, against "
-            "`varshift.theory.running_stats` (independent batches) with the spread of a finite "
+            "`varshift.core.theory.running_stats` (independent batches) with the spread of a "
+            "finite "
             f"dataset added to the band; consistent means every feature within {Z_LIMIT:g} sd.",
             "",
             *check_lines(checks),
@@ -551,7 +552,7 @@ def main() -> int:
 
 
 METHOD = [
-    "- **Engine**: `varshift.simulate.simulate(SimConfig(...), rng=seed)`, statistics only "
+    "- **Engine**: `varshift.engine.simulate.simulate(SimConfig(...), rng=seed)`, statistics only "
     "(`fit=False`, no trace, no observer): validation, dataset draw, the streamed simulation and "
     "theory's noise band — everything the call does.",
     "- **(a) NumPy loop**: the code a user would write: one `rng.permutation` per epoch, then "

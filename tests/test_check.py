@@ -12,9 +12,9 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from varshift.check import Metric, compare, parse_rule
 from varshift.cli import app
-from varshift.errors import ValidationError
+from varshift.core.errors import ValidationError
+from varshift.jobs.check import Metric, compare, parse_rule
 
 runner = CliRunner()
 

@@ -19,10 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 from varshift.cli import app
-from varshift.conventions import Preset, resolve_preset
-from varshift.errors import ValidationError
-from varshift.simulate import Chunk, SimConfig, simulate
-from varshift.stats_io import read_stats
+from varshift.core.errors import ValidationError
+from varshift.core.presets import Preset, resolve_preset
+from varshift.engine.simulate import Chunk, SimConfig, simulate
+from varshift.formats.stats_io import read_stats
 
 runner = CliRunner()
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from varshift.conventions import Preset, resolve_preset
-from varshift.noise import Dropout
-from varshift.simulate import Chunk, SimConfig, SimResult, bn_running_stats, simulate
+from varshift.core.dropout import Dropout
+from varshift.core.presets import Preset, resolve_preset
+from varshift.engine.simulate import Chunk, SimConfig, SimResult, bn_running_stats, simulate
 
 EPS64 = float(np.finfo(np.float64).eps)
 EPS32 = float(np.finfo(np.float32).eps)

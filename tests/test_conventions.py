@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from varshift.conventions import PRESETS, keep_from_rate, resolve_preset
-from varshift.errors import ValidationError
+from varshift.core.errors import ValidationError
+from varshift.core.presets import PRESETS, keep_from_rate, resolve_preset
 
 
 def test_keep_is_one_minus_rate() -> None:

@@ -13,7 +13,7 @@ drifting with the weights and the stored statistics describe a mixture of past n
 Tolerances are z-scores: the corrected variance ``q (R + m²) - m²`` moves by
 ``q dR + 2 (1 - q) m dm`` when the stored variance R and mean m are off by dR and dm, so its
 noise sd is at most ``q sd(R) + 2 (1 - q) |m| sd(m)`` whatever their correlation; sd(R) and
-sd(m) come from :func:`varshift.theory.running_stats` (iid elements) or, for images, from the
+sd(m) come from :func:`varshift.core.theory.running_stats` (iid elements) or, for images, from the
 measured spread of the batch statistics.
 """
 
@@ -27,10 +27,10 @@ import pytest
 from typer.testing import CliRunner
 
 from varshift.cli import app
-from varshift.conventions import resolve_preset
-from varshift.noise import Dropout, InputMoments
-from varshift.stats_io import read_stats
-from varshift.theory import running_stats
+from varshift.core.dropout import Dropout, InputMoments
+from varshift.core.presets import resolve_preset
+from varshift.core.theory import running_stats
+from varshift.formats.stats_io import read_stats
 
 Z = 4.0  # per-channel bound; the seeds are fixed, so the tests are deterministic
 

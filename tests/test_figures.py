@@ -1,4 +1,4 @@
-"""`varshift.figures`: each figure draws the data it is given; files are PNG + SVG, repeatable."""
+"""`varshift.present.figures`: each figure draws the data it is given; PNG + SVG, repeatable."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from varshift import figures
-from varshift.errors import MissingDependencyError, OutputFileError
-from varshift.sweep import SweepConfig, rate_figures, sweep
+from varshift.core.errors import MissingDependencyError, OutputFileError
+from varshift.jobs.sweep import SweepConfig, rate_figures, sweep
+from varshift.present import figures
 
 
 def _width_figure() -> figures.Figure:

@@ -1,4 +1,4 @@
-"""`varshift.html`: one self-contained, escaped page with inline SVG figures."""
+"""`varshift.present.html`: one self-contained, escaped page with inline SVG figures."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from varshift.cli import app
-from varshift.errors import OutputFileError, ValidationError
-from varshift.html import Figure, Section, Table, html_page, table_html, write_html
+from varshift.core.errors import OutputFileError, ValidationError
+from varshift.present.html import Figure, Section, Table, html_page, table_html, write_html
 
 SVG = '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="5"/></svg>'
 NAMESPACES = {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}

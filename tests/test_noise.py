@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from varshift.errors import ValidationError
-from varshift.noise import ALPHA_PRIME, DROPOUT_KINDS, Dropout, InputMoments
+from varshift.core.dropout import ALPHA_PRIME, DROPOUT_KINDS, Dropout, InputMoments
+from varshift.core.errors import ValidationError
 
 # Each Monte-Carlo check is a z-test with this many standard errors. There are ~60 such
 # comparisons in this module: a two-sided 4.5-sigma band gives a family-wise false-alarm

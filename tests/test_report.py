@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from varshift.errors import OutputFileError
-from varshift.report import atomic_write, replacing
+from varshift.core.errors import OutputFileError
+from varshift.core.files import atomic_write, replacing
 
 
 def test_atomic_write_gives_the_usual_mode_and_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests of :mod:`varshift.simulate` (and the small noise.py fix it needed).
+"""Tests of :mod:`varshift.engine.simulate` (and the small noise.py fix it needed).
 
 Expected values come from independent few-line oracles written here (a per-batch NumPy loop
 over the very inputs and masks the engine used, closed forms written as arithmetic), never
@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from varshift.conventions import Preset, resolve_preset
-from varshift.errors import InputFileError, ValidationError
-from varshift.noise import Dropout, InputMoments
-from varshift.simulate import (
+from varshift.core.dropout import Dropout, InputMoments
+from varshift.core.errors import InputFileError, ValidationError
+from varshift.core.presets import Preset, resolve_preset
+from varshift.core.theory import running_stats
+from varshift.engine.simulate import (
     BNState,
     Chunk,
     SimConfig,
@@ -28,7 +29,6 @@ from varshift.simulate import (
     load_activations,
     simulate,
 )
-from varshift.theory import running_stats
 
 EPS64 = float(np.finfo(np.float64).eps)
 ALPHA_PRIME = -1.7580993408473766  # SELU scale * alpha, negated (PyTorch/Keras AlphaDropout)
@@ -52,7 +52,7 @@ def test_relu_normal_moments_without_scipy_stats(mu: float, var: float) -> None:
 
 def test_importing_the_numerics_does_not_import_scipy_stats() -> None:
     code = (
-        "import sys, varshift.noise, varshift.theory, varshift.simulate\n"
+        "import sys, varshift.core.dropout, varshift.core.theory, varshift.engine.simulate\n"
         "assert 'scipy.stats' not in sys.modules, 'scipy.stats imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -287,7 +287,7 @@ def test_expectations_match_closed_forms_written_here() -> None:
         mu4 = ym[3] - 4 * ym[0] * ym[2] + 6 * ym[0] ** 2 * ym[1] - 3 * ym[0] ** 4
         var_s = mu4 / b - train**2 * (b - 3) / (b * (b - 1))
         assert row.batch_var_sd == pytest.approx(math.sqrt(var_s), rel=1e-9)
-        # The same numbers through varshift.theory.running_stats (i.i.d. batches): only the
+        # The same numbers through varshift.core.theory.running_stats (i.i.d. batches): only the
         # finite-population term v/(N-1) separates the two expectations.
         out = Dropout("bernoulli", rate).train_moments(InputMoments.from_samples(data[:, j]))
         iid = running_stats(out, resolve_preset("torch"), b, steps)
@@ -551,15 +551,6 @@ def test_recorded_inputs_are_resampled_when_samples_is_given() -> None:
     assert x.shape == (200, 2)
     # Every drawn row is one of the recorded rows.
     assert all(any(np.array_equal(r, d) for d in data) for r in x[:20])
-
-
-def test_doctests() -> None:
-    import doctest
-
-    import varshift.simulate as mod
-
-    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_memory_does_not_grow_with_epochs() -> None:

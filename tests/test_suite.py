@@ -13,11 +13,13 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from varshift import conventions, noise, simulate
-from varshift.check import compare, metrics_from_rows
 from varshift.cli import app
-from varshift.report import to_frame, to_json
-from varshift.suite import COLUMNS, run_suite, scenarios, suite_metadata
+from varshift.core import dropout as noise
+from varshift.core import presets as conventions
+from varshift.engine import simulate
+from varshift.jobs.check import compare, metrics_from_rows
+from varshift.jobs.suite import COLUMNS, run_suite, scenarios, suite_metadata
+from varshift.present.report import to_frame, to_json
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

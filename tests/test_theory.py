@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from varshift.conventions import resolve_preset
-from varshift.errors import ValidationError
-from varshift.noise import Dropout, InputMoments
-from varshift.theory import (
+from varshift.core.dropout import Dropout, InputMoments
+from varshift.core.errors import ValidationError
+from varshift.core.presets import resolve_preset
+from varshift.core.theory import (
     TheoryConfig,
     corrected_variance,
     gamma_star,

@@ -3,9 +3,9 @@
 The public API is re-exported here; the command line lives in :mod:`varshift.cli`.
 """
 
-from varshift.conventions import PRESETS, Preset, keep_from_rate, resolve_preset
-from varshift.errors import VarshiftError
-from varshift.noise import DROPOUT_KINDS, Dropout, InputMoments, make_dropout
+from varshift.core.dropout import DROPOUT_KINDS, Dropout, InputMoments, make_dropout
+from varshift.core.errors import VarshiftError
+from varshift.core.presets import PRESETS, Preset, keep_from_rate, resolve_preset
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """The ``varshift`` command line: parse options, call the library once, render the result.
 
-No numerics here. Library errors (:class:`varshift.errors.VarshiftError`) become a one-line
+No numerics here. Library errors (:class:`varshift.core.errors.VarshiftError`) become a one-line
 message on stderr and their exit code (2 for bad input, 1 for a regression found by ``check``)
 in exactly one place, :func:`handle_errors`; anything else is a bug (exit 3, traceback shown).
 """

@@ -12,9 +12,10 @@ from typing import Any, ParamSpec, TypeVar
 import pandas as pd
 import typer
 
-from varshift.errors import RegressionFound, ValidationError, VarshiftError
-from varshift.render import frame_table, stdout_console
-from varshift.report import atomic_write, render_text
+from varshift.core.errors import RegressionFound, ValidationError, VarshiftError
+from varshift.core.files import atomic_write
+from varshift.present.render import frame_table, stdout_console
+from varshift.present.report import render_text
 
 app = typer.Typer(
     name="varshift",

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from varshift.errors import OutputFileError
+from varshift.core.errors import OutputFileError
 
 if TYPE_CHECKING:
-    from varshift.html import Section
+    from varshift.present.html import Section
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def preflight(
         raise OutputFileError(f"--output {output}: already exists; pass --force to overwrite it")
     if plot is None and html is None:
         return
-    from varshift.figures import check_output_folder, require_matplotlib
+    from varshift.present.figures import check_output_folder, require_matplotlib
 
     require_matplotlib("--plot" if plot is not None else "--html")
     if plot is not None:
@@ -81,7 +81,7 @@ def _refuse(option: str, path: Path, force: bool) -> None:
 
 def save_all(plot: Path, drawn: Sequence[Drawn]) -> list[Path]:
     """Write every figure as PNG and SVG into ``plot`` (checked by :func:`preflight`)."""
-    from varshift.figures import save_figure
+    from varshift.present.figures import save_figure
 
     written: list[Path] = []
     for d in drawn:
@@ -96,14 +96,14 @@ def write_page(
     metadata: Mapping[str, Any],
 ) -> Path:
     """Write the page (checked by :func:`preflight`)."""
-    from varshift.html import write_html
+    from varshift.present.html import write_html
 
     return write_html(html, title, sections, metadata, force=True)
 
 
 def inline(drawn: Sequence[Drawn]) -> tuple[Any, ...]:
-    """The figures as :class:`varshift.html.Figure` elements (inline SVG with captions)."""
-    from varshift.html import Figure
+    """The figures as :class:`varshift.present.html.Figure` elements (inline SVG with captions)."""
+    from varshift.present.html import Figure
 
     return tuple(Figure.from_matplotlib(d.figure, d.caption) for d in drawn)
 

@@ -11,7 +11,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from varshift import __version__
-from varshift.check import (
+from varshift.cli._common import OutputFormat, app, emit, handle_errors
+from varshift.cli._outputs import Drawn, inline, preflight, save_all, write_page
+from varshift.core.errors import RegressionFound
+from varshift.core.files import atomic_write
+from varshift.jobs.check import (
     CheckResult,
     Comparison,
     compare,
@@ -22,13 +26,10 @@ from varshift.check import (
     parse_rule,
     summary_line,
 )
-from varshift.cli._common import OutputFormat, app, emit, handle_errors
-from varshift.cli._outputs import Drawn, inline, preflight, save_all, write_page
-from varshift.errors import RegressionFound
-from varshift.report import atomic_write, to_frame
+from varshift.present.report import to_frame
 
 if TYPE_CHECKING:
-    from varshift.html import Section
+    from varshift.present.html import Section
 
 EPILOG = """\
 Examples:
@@ -182,7 +183,7 @@ def _print(result: CheckResult, fmt: OutputFormat, *, show_all: bool, quiet: boo
 
 def _chart(result: CheckResult) -> Drawn | None:
     """The regressions, then the largest changes, in units of their tolerance."""
-    from varshift.figures import comparison_chart
+    from varshift.present.figures import comparison_chart
 
     rows = result.comparisons
     if not rows:
@@ -217,7 +218,7 @@ def _chart(result: CheckResult) -> Drawn | None:
 
 
 def _sections(result: CheckResult, drawn: Drawn | None) -> list[Section]:
-    from varshift.html import Section, Table
+    from varshift.present.html import Section, Table
 
     columns = ["scenario", "metric", "baseline", "current", "ratio", "difference"]
     columns += ["threshold", "z", "mark", "reason"]

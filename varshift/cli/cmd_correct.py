@@ -22,8 +22,11 @@ from varshift.cli._common import (
     parse_momentum,
 )
 from varshift.cli._outputs import Drawn, inline, preflight, save_all, write_page
-from varshift.conventions import resolve_preset
-from varshift.correct import (
+from varshift.core.errors import InputFileError, OutputFileError, ValidationError
+from varshift.core.files import atomic_write
+from varshift.core.presets import resolve_preset
+from varshift.formats.stats_io import BNStats, format_from_extension, read_stats, write_stats
+from varshift.jobs.correct import (
     CorrectionConfig,
     CorrectionResult,
     LayerCorrection,
@@ -31,16 +34,14 @@ from varshift.correct import (
     inspect_stats,
     parse_layer_rule,
 )
-from varshift.errors import InputFileError, OutputFileError, ValidationError
-from varshift.report import atomic_write, render_text, to_frame
-from varshift.stats_io import BNStats, format_from_extension, read_stats, write_stats
+from varshift.present.report import render_text, to_frame
 
 if TYPE_CHECKING:
-    from varshift.html import Section
+    from varshift.present.html import Section
 
 
 class Method(StrEnum):
-    """``--method`` choices (:func:`varshift.theory.corrected_variance`)."""
+    """``--method`` choices (:func:`varshift.core.theory.corrected_variance`)."""
 
     debiased = "debiased"
     naive = "naive"
@@ -369,7 +370,7 @@ def correct(
 
 def _chart(rows: Sequence[LayerCorrection], title: str) -> Drawn:
     """Mean running variance per layer, before and after."""
-    from varshift.figures import layer_before_after
+    from varshift.present.figures import layer_before_after
 
     cut = rows[:MAX_LAYERS_SHOWN]
     fig = layer_before_after(
@@ -389,7 +390,7 @@ def _chart(rows: Sequence[LayerCorrection], title: str) -> Drawn:
 
 
 def _sections(result: CorrectionResult, df: pd.DataFrame, drawn: Drawn) -> list[Section]:
-    from varshift.html import Section, Table
+    from varshift.present.html import Section, Table
 
     notes = tuple(f"Warning: {w}" for w in result.warnings)
     return [

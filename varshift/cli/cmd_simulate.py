@@ -25,12 +25,13 @@ from varshift.cli._common import (
     parse_momentum,
 )
 from varshift.cli._outputs import Drawn, flat_headers, inline, preflight, save_all, write_page
-from varshift.conventions import Preset, resolve_preset
-from varshift.errors import OutputFileError, ValidationError
-from varshift.render import frame_table, progress_bar, stderr_console, stdout_console
-from varshift.report import atomic_write, render_text, to_frame, write_report
-from varshift.simulate import SimConfig, SimResult, load_activations
-from varshift.simulate import simulate as run_simulation
+from varshift.core.errors import OutputFileError, ValidationError
+from varshift.core.files import atomic_write
+from varshift.core.presets import Preset, resolve_preset
+from varshift.engine.simulate import SimConfig, SimResult, load_activations
+from varshift.engine.simulate import simulate as run_simulation
+from varshift.present.render import frame_table, progress_bar, stderr_console, stdout_console
+from varshift.present.report import render_text, to_frame, write_report
 
 
 class Topology(StrEnum):
@@ -539,7 +540,7 @@ def simulate(
 
 def figures(result: SimResult) -> list[Drawn]:
     """The running variance over the steps (feature 0) and simulated against theory."""
-    from varshift.figures import feature_bands, running_variance
+    from varshift.present.figures import feature_bands, running_variance
 
     tr = result.trace
     assert tr is not None, "figures need simulate(trace=...)"
@@ -593,7 +594,7 @@ def page_sections(
     result: SimResult, frame: pd.DataFrame, drawn: list[Drawn], title: str, caption: str
 ) -> list[Any]:
     """The page: the trace, the per-feature comparison with its table, --fit, every column."""
-    from varshift.html import Section, Table
+    from varshift.present.html import Section, Table
 
     figs = inline(drawn)
     main = display_frame(to_frame([*result.features, result.summary.mean]), MAIN_COLUMNS)

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from varshift.cli._common import app, handle_errors
-from varshift.render import progress_bar
-from varshift.report import to_frame, write_report
-from varshift.suite import run_suite, scenarios, suite_metadata
+from varshift.jobs.suite import run_suite, scenarios, suite_metadata
+from varshift.present.render import progress_bar
+from varshift.present.report import to_frame, write_report
 
 EPILOG = """\
 Examples:

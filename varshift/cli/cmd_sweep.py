@@ -13,12 +13,11 @@ import typer
 from varshift import __version__
 from varshift.cli._common import OutputFormat, app, emit, handle_errors, parse_momentum
 from varshift.cli._outputs import Drawn, inline, preflight, refuse_figures, save_all, write_page
-from varshift.conventions import FRAMEWORKS
-from varshift.errors import ValidationError
-from varshift.noise import DROPOUT_KINDS
-from varshift.render import progress_bar, stderr_console
-from varshift.report import format_value, to_frame
-from varshift.sweep import (
+from varshift.core.dropout import DROPOUT_KINDS
+from varshift.core.errors import ValidationError
+from varshift.core.presets import FRAMEWORKS
+from varshift.core.validate import check_range
+from varshift.jobs.sweep import (
     MAX_POINTS,
     SweepConfig,
     SweepResult,
@@ -26,11 +25,12 @@ from varshift.sweep import (
     parse_choices,
     rate_figures,
 )
-from varshift.sweep import sweep as run_sweep
-from varshift.validate import check_range
+from varshift.jobs.sweep import sweep as run_sweep
+from varshift.present.render import progress_bar, stderr_console
+from varshift.present.report import format_value, to_frame
 
 if TYPE_CHECKING:
-    from varshift.html import Section
+    from varshift.present.html import Section
 
 EPILOG = f"""\
 Examples:
@@ -232,7 +232,7 @@ def sweep(
 
 def _figures(result: SweepResult) -> list[Drawn]:
     """The figures (file stem, matplotlib figure, caption) of everything this sweep can show."""
-    from varshift.figures import shift_vs_rate, sim_vs_theory
+    from varshift.present.figures import shift_vs_rate, sim_vs_theory
 
     out: list[Drawn] = []
     for data in rate_figures(result)[:MAX_FIGURES]:
@@ -269,7 +269,7 @@ MAX_FIGURES = 20
 
 
 def _sections(result: SweepResult, df: pd.DataFrame, figures: list[Drawn]) -> list[Section]:
-    from varshift.html import Section, Table
+    from varshift.present.html import Section, Table
 
     sections = []
     if figures:

@@ -18,11 +18,11 @@ from varshift.cli._common import (
     handle_errors,
     parse_momentum,
 )
-from varshift.conventions import resolve_preset
-from varshift.errors import ValidationError
-from varshift.report import to_frame
-from varshift.theory import TheoryConfig, TheoryRow, theory_table
-from varshift.validate import check_range
+from varshift.core.errors import ValidationError
+from varshift.core.presets import resolve_preset
+from varshift.core.theory import TheoryConfig, TheoryRow, theory_table
+from varshift.core.validate import check_range
+from varshift.present.report import to_frame
 
 #: Rows of the human (transposed) layout: field → description.
 DESCRIPTIONS: dict[str, str] = {

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from varshift.report import format_value
+from varshift.present.report import format_value
 
 #: Progress callback the library accepts: ``callback(done, total)``.
 ProgressCallback = Callable[[int, int], None]

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from varshift.conventions import Preset
-from varshift.errors import ValidationError
-from varshift.noise import Dropout, InputMoments
-from varshift.validate import check_finite, check_int, check_range
+from varshift.core.dropout import Dropout, InputMoments
+from varshift.core.errors import ValidationError
+from varshift.core.presets import Preset
+from varshift.core.validate import check_finite, check_int, check_range
 
 FloatArray = NDArray[np.float64]
 
@@ -244,7 +244,7 @@ def updates_to_forget(preset: Preset, tol: float = 0.01) -> int | None:
 
     Examples
     --------
-    >>> from varshift.conventions import resolve_preset
+    >>> from varshift.core.presets import resolve_preset
     >>> updates_to_forget(resolve_preset("keras"))
     459
     """
@@ -384,7 +384,7 @@ def corrected_variance(
 
     Examples
     --------
-    >>> from varshift.conventions import resolve_preset
+    >>> from varshift.core.presets import resolve_preset
     >>> m, v = corrected_variance(0.0, 2.0, Dropout("bernoulli", 0.5), resolve_preset("torch"))
     >>> float(v)
     1.0
@@ -505,7 +505,7 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
     >>> (row.train_var, row.test_var, row.shift_ratio)
     (2.0, 1.0, 0.5)
     """
-    from varshift.conventions import resolve_preset
+    from varshift.core.presets import resolve_preset
 
     if not config.rates:
         raise ValidationError("rate must be given at least once")

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from varshift.errors import MissingDependencyError, OutputFileError
-from varshift.report import atomic_write
-from varshift.sweep import RateFigure
+from varshift.core.errors import MissingDependencyError, OutputFileError
+from varshift.core.files import atomic_write
+from varshift.jobs.sweep import RateFigure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -86,7 +86,7 @@ def shift_vs_rate(data: RateFigure) -> Figure:
     Parameters
     ----------
     data:
-        What :func:`varshift.sweep.rate_figures` returns for one figure.
+        What :func:`varshift.jobs.sweep.rate_figures` returns for one figure.
     """
     n = len(data.panels)
     cols = min(n, 3)
@@ -192,7 +192,7 @@ def running_variance(
         ``(T,)`` one run's running variance, or ``(runs, T)`` several runs.
     expected, sd:
         ``(T,)`` (or scalars): ``E[R_t]`` and its noise sd, from
-        :func:`varshift.theory.running_stats`.
+        :func:`varshift.core.theory.running_stats`.
     target:
         The test-time variance, drawn as a horizontal line: the gap is the variance shift.
     """
@@ -346,7 +346,7 @@ def comparison_chart(
         ``scenario/metric`` per bar, drawn top to bottom.
     difference, threshold:
         ``current - baseline`` and the tolerance it was compared with
-        (:class:`varshift.check.Comparison`).
+        (:class:`varshift.jobs.check.Comparison`).
     marks:
         ``better``, ``worse``, ``changed`` or ``unchanged``: the bar's colour.
     """

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from varshift.errors import ValidationError
-from varshift.validate import check_choice, check_range
+from varshift.core.errors import ValidationError
+from varshift.core.validate import check_choice, check_range
 
 FRAMEWORKS: tuple[str, ...] = ("torch", "keras", "tf-keras", "flax")
 

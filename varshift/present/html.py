@@ -21,8 +21,9 @@ from typing import Any
 
 import pandas as pd
 
-from varshift.errors import ValidationError
-from varshift.report import atomic_write, format_value
+from varshift.core.errors import ValidationError
+from varshift.core.files import atomic_write
+from varshift.present.report import format_value
 
 #: Tables longer than this show their first rows and say how many were left out.
 MAX_TABLE_ROWS = 2000
@@ -54,8 +55,8 @@ class Figure:
 
     @classmethod
     def from_matplotlib(cls, fig: Any, caption: str = "") -> Figure:
-        """Inline a matplotlib figure (via :func:`varshift.figures.svg_text`)."""
-        from varshift.figures import svg_text
+        """Inline a matplotlib figure (via :func:`varshift.present.figures.svg_text`)."""
+        from varshift.present.figures import svg_text
 
         return cls(svg_text(fig), caption)
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from varshift.conventions import keep_from_rate
-from varshift.errors import ValidationError
-from varshift.validate import check_choice, check_finite, check_range
+from varshift.core.errors import ValidationError
+from varshift.core.presets import keep_from_rate
+from varshift.core.validate import check_choice, check_finite, check_range
 
 DROPOUT_KINDS: tuple[str, ...] = ("bernoulli", "vanilla", "gaussian", "uout", "alpha")
 

@@ -3,7 +3,7 @@
 A sweep is the Cartesian product of a few axes — dropout kind, framework preset, batch size,
 input mean and variance, correlation ``rho``, width ``d`` or ``D = d cos²θ``, and the dropout
 rate — evaluated point by point. Each grid point gives one row of a tidy table: its coordinates,
-then what :func:`varshift.theory.theory_table` computes there (train and test variance, shift
+then what :func:`varshift.core.theory.theory_table` computes there (train and test variance, shift
 ratio ``Delta``, the expected stored running variance and its noise), then, with
 ``simulate=True``, the Monte Carlo estimates and their z-scores.
 
@@ -32,11 +32,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from varshift.conventions import FRAMEWORKS, Preset, resolve_preset
-from varshift.errors import MissingDependencyError, ValidationError
-from varshift.noise import DROPOUT_KINDS, Dropout
-from varshift.theory import TheoryConfig, check_rho, shift_direct, theory_table
-from varshift.validate import check_choice, check_finite, check_int, check_range
+from varshift.core.dropout import DROPOUT_KINDS, Dropout
+from varshift.core.errors import MissingDependencyError, ValidationError
+from varshift.core.presets import FRAMEWORKS, Preset, resolve_preset
+from varshift.core.theory import TheoryConfig, check_rho, shift_direct, theory_table
+from varshift.core.validate import check_choice, check_finite, check_int, check_range
 
 #: Grids with more points than this need ``force=True`` (``--force``).
 MAX_POINTS = 10_000
@@ -217,7 +217,7 @@ class SweepConfig:
     rates:
         Dropout rates (probability of dropping), each in ``[0, 1)``.
     dropouts, frameworks:
-        Dropout kinds (:data:`varshift.noise.DROPOUT_KINDS`) and BatchNorm presets.
+        Dropout kinds (:data:`varshift.core.dropout.DROPOUT_KINDS`) and BatchNorm presets.
     batch_sizes:
         ``n``, elements reduced per channel in one batch.
     means, variances:
@@ -241,7 +241,7 @@ class SweepConfig:
     steps:
         ``T``, training updates of the running statistics.
     simulate:
-        Also run the Monte Carlo at every point (needs :mod:`varshift.simulate`).
+        Also run the Monte Carlo at every point (needs :mod:`varshift.engine.simulate`).
     reps:
         ``direct`` topology: independent BN features simulated per point (each with its own
         data and noise); standard errors are their spread over ``sqrt(reps)``. The linear
@@ -572,12 +572,12 @@ def map_points(
 def _simulate_engine() -> Any:
     """The Monte Carlo engine, or a clear error while it is not part of varshift."""
     try:
-        simulate = importlib.import_module("varshift.simulate")
+        simulate = importlib.import_module("varshift.engine.simulate")
     except ModuleNotFoundError as exc:
-        if exc.name != "varshift.simulate":
+        if exc.name != "varshift.engine.simulate":
             raise
         raise MissingDependencyError(
-            "--simulate is not available yet: the Monte Carlo engine (varshift.simulate) is "
+            "--simulate is not available yet: the Monte Carlo engine (varshift.engine.simulate) is "
             "not part of this version; run the sweep without --simulate for the closed forms"
         ) from None
     return simulate
@@ -598,8 +598,8 @@ class _SimTask:
 def simulate_point(task: _SimTask) -> SimStats:
     """Monte Carlo at one grid point, drawing only from ``task.seed`` (module-level: picklable).
 
-    Runs :func:`varshift.simulate.simulate` on synthetic normal inputs of the point's mean and
-    variance for ``steps`` updates.
+    Runs :func:`varshift.engine.simulate.simulate` on synthetic normal inputs of the point's
+    mean and variance for ``steps`` updates.
 
     * ``direct``: ``reps`` BN features, each with its own data column and noise, so they are
       independent replicates; standard errors are their spread over ``sqrt(reps)``.
@@ -686,7 +686,7 @@ def sweep(
         For an invalid axis value, or a grid larger than ``config.max_points`` without
         ``config.force``.
     MissingDependencyError
-        For ``simulate=True`` while :mod:`varshift.simulate` is not available.
+        For ``simulate=True`` while :mod:`varshift.engine.simulate` is not available.
 
     Examples
     --------

@@ -46,7 +46,7 @@ so the finite dataset itself does not inflate z-scores:
   ``Q_r = sum_p (y_rp - mu)²`` and ``D_r = sum_p (y_rp - mu)``, whose conditional moments
   given the row are integrated over the noise in closed form (independent elements, a shared
   channel-wise mask, or a linear unit's sum of independently masked inputs). For ``direct`` it
-  is ``mu4/n - sigma⁴ (n-3)/(n(n-1))`` (:func:`varshift.theory.sample_variance_variance`).
+  is ``mu4/n - sigma⁴ (n-3)/(n(n-1))`` (:func:`varshift.core.theory.sample_variance_variance`).
 
 The band of the running mean is exact; that of the running variance neglects the weak
 (``O(1/n)`` relative) correlation of the second-order parts of ``s_t`` between batches of one
@@ -65,17 +65,17 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from varshift.conventions import PRESETS, Preset
-from varshift.errors import InputFileError, ValidationError
-from varshift.noise import Dropout, InputMoments
-from varshift.theory import (
+from varshift.core.dropout import Dropout, InputMoments
+from varshift.core.errors import InputFileError, ValidationError
+from varshift.core.presets import PRESETS, Preset
+from varshift.core.theory import (
     check_rho,
     corrected_variance,
     gamma_star,
     shift_direct,
     shift_linear,
 )
-from varshift.validate import check_choice, check_finite, check_int, check_range
+from varshift.core.validate import check_choice, check_finite, check_int, check_range
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -107,10 +107,10 @@ class SimConfig:
     Attributes
     ----------
     rate, dropout, beta:
-        Dropout rate (probability of dropping), kind (see :mod:`varshift.noise`) and uout's
+        Dropout rate (probability of dropping), kind (see :mod:`varshift.core.dropout`) and uout's
         half-width.
     preset:
-        The BatchNorm convention (:func:`varshift.conventions.resolve_preset`).
+        The BatchNorm convention (:func:`varshift.core.presets.resolve_preset`).
     batch_size:
         Rows per mini-batch (the last batch of an epoch may be smaller, see ``drop_last``).
     samples:
@@ -670,7 +670,7 @@ def bn_running_stats(
 
     Examples
     --------
-    >>> from varshift.conventions import resolve_preset
+    >>> from varshift.core.presets import resolve_preset
     >>> x = np.array([[[0.0], [2.0]], [[1.0], [1.0]]])  # two batches of two rows, one feature
     >>> s = bn_running_stats(x, resolve_preset("torch", 0.5))
     >>> s.running_mean.tolist(), s.running_var.tolist(), s.num_batches
@@ -775,7 +775,7 @@ class FitRow:
     Attributes
     ----------
     gamma_star, beta_star:
-        The least-squares optimum under dropout (:func:`varshift.theory.gamma_star`, with eps).
+        The least-squares optimum under dropout (:func:`varshift.core.theory.gamma_star`, with eps).
     gamma_star_clean:
         The optimum without dropout, ``v / sqrt(v + eps)``.
     gamma_clean, beta_clean, running_mean_clean, running_var_clean:

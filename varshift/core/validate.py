@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from varshift.errors import ValidationError
+from varshift.core.errors import ValidationError
 
 
 def _fmt(value: object) -> str:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from varshift.errors import OutputFileError, ValidationError
+from varshift.core.errors import OutputFileError, ValidationError
+from varshift.core.files import atomic_write
 
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "md")
 
@@ -112,53 +110,6 @@ def render_text(
     if fmt == "md":
         return to_markdown(df, title)
     raise ValidationError(f"format must be one of csv, json, md for text output; got {fmt!r}")
-
-
-@contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temporary file next to ``path`` that atomically replaces it when the block succeeds.
-
-    The temporary file gets the mode a plain ``open()`` would give (``0666 & ~umask``, not
-    mkstemp's 0600); on any error it is removed and ``path`` is left as it was.
-
-    Raises
-    ------
-    OutputFileError
-        If the folder cannot be created or written.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputFileError(f"{folder}: cannot write here ({exc.strerror})") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(path: Path, data: str | bytes, *, force: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename (:func:`replacing`).
-
-    Raises
-    ------
-    OutputFileError
-        If ``path`` exists and ``force`` is False, or its folder cannot be written.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputFileError(f"{path}: already exists; pass --force to overwrite it")
-    with replacing(path) as tmp:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
 
 
 def write_report(

@@ -7,14 +7,14 @@ variances).
 
 :func:`correct_stats` replaces the running variance of every selected layer with what the
 layer will see at test time, assuming it directly follows dropout (case (a)):
-:func:`varshift.theory.corrected_variance`, ``v = (V + mu²)/kappa - mu²`` (bernoulli:
+:func:`varshift.core.theory.corrected_variance`, ``v = (V + mu²)/kappa - mu²`` (bernoulli:
 ``q (V + mu²) - mu²``) after undoing the stored-variance bias of biased presets. A layer is
 selected by the rate (every layer) or by ``PATTERN=RATE`` rules (shell globs on the layer
 name; the last matching rule wins) and dropped again by ``exclude`` globs.
 
 A corrected variance ≤ 0 means the stored variance is smaller than dropout alone would record
 from a *constant* input with the stored mean. That is an error, unless the shortfall is within
-``clip_z`` noise standard deviations of that value (:func:`varshift.theory.running_stats`, with
+``clip_z`` noise standard deviations of that value (:func:`varshift.core.theory.running_stats`, with
 the batch size and update count), or within ``clip_rtol`` of it when the batch size is not
 known; then the channel is clipped to the framework's eps with a warning. Never a silent NaN.
 """
@@ -29,12 +29,12 @@ from fnmatch import fnmatchcase
 import numpy as np
 from numpy.typing import NDArray
 
-from varshift.conventions import PRESETS, Preset
-from varshift.errors import InputFileError, ValidationError
-from varshift.noise import Dropout, InputMoments
-from varshift.stats_io import BNLayer, BNStats, FloatArray
-from varshift.theory import corrected_variance, running_stats, updates_to_forget
-from varshift.validate import check_choice, check_range
+from varshift.core.dropout import Dropout, InputMoments
+from varshift.core.errors import InputFileError, ValidationError
+from varshift.core.presets import PRESETS, Preset
+from varshift.core.theory import corrected_variance, running_stats, updates_to_forget
+from varshift.core.validate import check_choice, check_range
+from varshift.formats.stats_io import BNLayer, BNStats, FloatArray
 
 METHODS: tuple[str, ...] = ("debiased", "naive")
 TARGETS: tuple[str, ...] = ("framework", "population")
@@ -106,7 +106,7 @@ class CorrectionConfig:
         ``n``, elements per channel in one training batch (N, or N·H·W for images): used to
         undo the biased presets' ``(n-1)/n`` and to size the noise when clipping.
     method, target:
-        See :func:`varshift.theory.corrected_variance`.
+        See :func:`varshift.core.theory.corrected_variance`.
     clip_z, clip_rtol:
         Clipping tolerances (module docstring).
     """
@@ -263,7 +263,7 @@ def _constant_input_record(
     """Stored variance (expected, noise sd) that dropout alone makes of a constant input.
 
     The constant is the clean input whose training mean is the stored mean; the noise is that
-    of the running average (:func:`varshift.theory.running_stats`), ``sd = nan`` when the batch
+    of the running average (:func:`varshift.core.theory.running_stats`), ``sd = nan`` when the batch
     size is unknown.
     """
     if dropout.multiplicative:
@@ -337,7 +337,7 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
     Parameters
     ----------
     stats:
-        Statistics from :func:`varshift.stats_io.read_stats`.
+        Statistics from :func:`varshift.formats.stats_io.read_stats`.
     config:
         Rates, selection, dropout kind, framework convention and method.
 
@@ -363,7 +363,7 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
 
     Examples
     --------
-    >>> from varshift.stats_io import BNLayer, BNStats
+    >>> from varshift.formats.stats_io import BNLayer, BNStats
     >>> layer = BNLayer("bn", np.zeros(2), np.array([2.0, 4.0]))
     >>> result = correct_stats(BNStats({"bn": layer}, "json"), CorrectionConfig(rate=0.5))
     >>> result.stats.layers["bn"].var.tolist()
@@ -425,7 +425,7 @@ class LayerInspection:
     initial:
         Running mean all 0 and variance all 1: never updated (or reset).
     few_updates:
-        ``count`` is below :func:`varshift.theory.updates_to_forget` for the preset: the
+        ``count`` is below :func:`varshift.core.theory.updates_to_forget` for the preset: the
         initial value 1 still weighs ≥ 1% in the running variance. ``None`` without a count.
     nonfinite, nonpositive:
         Channels with a non-finite mean or variance; channels with variance ≤ 0.
@@ -461,8 +461,8 @@ def inspect_stats(stats: BNStats, preset: Preset) -> tuple[LayerInspection, ...]
 
     Examples
     --------
-    >>> from varshift.conventions import resolve_preset
-    >>> from varshift.stats_io import BNLayer, BNStats
+    >>> from varshift.core.presets import resolve_preset
+    >>> from varshift.formats.stats_io import BNLayer, BNStats
     >>> fresh = BNLayer("bn", np.zeros(3), np.ones(3), count=0)
     >>> inspect_stats(BNStats({"bn": fresh}, "json"), resolve_preset("torch"))[0].flags
     'initial values (mean 0, var 1); few updates (0 < 44)'

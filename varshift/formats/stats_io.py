@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from varshift.errors import InputFileError, MissingDependencyError, OutputFileError
-from varshift.report import atomic_write, replacing
+from varshift.core.errors import InputFileError, MissingDependencyError, OutputFileError
+from varshift.core.files import atomic_write, replacing
 
 FloatArray = NDArray[np.float64]
 
@@ -273,7 +273,8 @@ def read_stats(path: str | os.PathLike[str], fmt: str | None = None) -> BNStats:
     -------
     BNStats
         Possibly with no layers (a file without BatchNorm statistics); values are not
-        validated here, so NaN or negative variances reach :func:`varshift.correct.inspect_stats`.
+        validated here, so NaN or negative variances reach
+        :func:`varshift.jobs.correct.inspect_stats`.
 
     Raises
     ------

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from varshift.errors import InputFileError, ValidationError
-from varshift.validate import check_range
+from varshift.core.errors import InputFileError, ValidationError
+from varshift.core.validate import check_range
 
 #: Orientation of metrics in reports that do not state one, by glob on the metric name.
 DEFAULT_ORIENTATION: tuple[tuple[str, str], ...] = (
@@ -462,7 +462,7 @@ def _is_report(path: Path) -> bool:
 
 
 def _checkpoint_metrics(path: Path) -> dict[tuple[str, str], Metric]:
-    from varshift import stats_io
+    from varshift.formats import stats_io
 
     stats = stats_io.read_stats(path)
     out: dict[tuple[str, str], Metric] = {}

@@ -3,10 +3,11 @@
 Each scenario contributes two kinds of metric (long-form rows ``scenario, metric, value, sd,
 better``):
 
-* **closed-form** metrics from :func:`varshift.theory.theory_table` (population values for the
+* **closed-form** metrics from :func:`varshift.core.theory.theory_table` (population values for the
   scenario's parameters): deterministic, ``sd = 0``, so ``varshift check`` compares them within
   ``rtol``: a changed formula or preset shows up at once;
-* **Monte-Carlo** metrics from :func:`varshift.simulate.simulate`, chosen so that their noise is
+* **Monte-Carlo** metrics from :func:`varshift.engine.simulate.simulate`, chosen so that their
+  noise is
   known across seeds: the mean over ``F`` independent BN features of the running-variance and
   running-mean z-scores (``sd = 1/sqrt(F)``: each z is standard normal when the engine and the
   theory agree), and the mean relative error of the debiased data-free correction against the
@@ -25,9 +26,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from varshift.conventions import Preset, resolve_preset
-from varshift.theory import TheoryConfig, theory_table
-from varshift.validate import check_int
+from varshift.core.presets import Preset, resolve_preset
+from varshift.core.theory import TheoryConfig, theory_table
+from varshift.core.validate import check_int
 
 #: Columns of a suite report, in order.
 COLUMNS: tuple[str, ...] = ("scenario", "metric", "value", "sd", "better")
@@ -142,7 +143,7 @@ def _closed_form(s: Scenario, steps: int) -> list[MetricRow]:
 
 
 def _simulated(s: Scenario, rng: np.random.Generator) -> list[MetricRow]:
-    from varshift.simulate import SimConfig, simulate
+    from varshift.engine.simulate import SimConfig, simulate
 
     config = SimConfig(
         rate=s.rate,

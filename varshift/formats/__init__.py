@@ -1,0 +1,1 @@
+"""Checkpoint and statistics file formats: one reader and writer per format."""

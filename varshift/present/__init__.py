@@ -1,0 +1,1 @@
+"""Presentation: tables, report files, figures and HTML pages rendered from results."""
