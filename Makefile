@@ -26,6 +26,7 @@ demo: $(VENV)/.core
 lint: $(VENV)/.test
 	$(BIN)/ruff check varshift tests $(wildcard bench)
 	$(BIN)/ruff format --check varshift tests $(wildcard bench)
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(VENV)/.test
 	$(BIN)/mypy
