@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from varshift.cli import app
-from varshift.formats.stats_io import read_stats
+from varshift.formats import read_stats
 
 runner = CliRunner()
 

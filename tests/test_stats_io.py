@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from varshift.core.errors import InputFileError, MissingDependencyError, OutputFileError
-from varshift.formats.stats_io import (
+from varshift.formats import (
     BNLayer,
     BNStats,
     detect_format,
@@ -358,7 +358,7 @@ def test_missing_extra_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_the_core_imports_without_the_optional_extras() -> None:
     code = (
         "import sys\n"
-        "import varshift.formats.stats_io, varshift.jobs.correct\n"
+        "import varshift.formats, varshift.jobs.correct\n"
         "bad = [m for m in ('torch', 'h5py', 'safetensors', 'keras') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
