@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from varshift.cli import app
-from varshift.formats.stats_io import read_stats
+from varshift.formats import read_stats
 
 runner = CliRunner()
 
@@ -170,11 +170,16 @@ def test_layer_rules_and_excludes(tmp_path: Path, checkpoint: Path) -> None:
 
 
 @pytest.mark.torch
+def test_safetensors_output_follows_the_extension(tmp_path: Path, checkpoint: Path) -> None:
+    pytest.importorskip("safetensors")
+    code, _, _ = run("correct", checkpoint, "--rate", "0.5", "-o", tmp_path / "f.safetensors")
+    assert code == 0 and read_stats(tmp_path / "f.safetensors").format == "safetensors"
+
+
+@pytest.mark.torch
 def test_output_format_follows_the_extension_else_the_input(
     tmp_path: Path, checkpoint: Path
 ) -> None:
-    code, _, _ = run("correct", checkpoint, "--rate", "0.5", "-o", tmp_path / "f.safetensors")
-    assert code == 0 and read_stats(tmp_path / "f.safetensors").format == "safetensors"
     code, _, _ = run("correct", checkpoint, "--rate", "0.5", "-o", tmp_path / "f.ckpt")
     assert code == 0 and read_stats(tmp_path / "f.ckpt").format == "torch"
     code, _, _ = run(

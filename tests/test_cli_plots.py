@@ -22,7 +22,7 @@ from varshift.cli import app
 from varshift.core.errors import ValidationError
 from varshift.core.presets import Preset, resolve_preset
 from varshift.engine.simulate import Chunk, SimConfig, simulate
-from varshift.formats.stats_io import read_stats
+from varshift.formats import read_stats
 
 runner = CliRunner()
 

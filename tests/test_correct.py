@@ -14,7 +14,7 @@ from varshift.core.dropout import Dropout, InputMoments
 from varshift.core.errors import InputFileError, ValidationError
 from varshift.core.presets import resolve_preset
 from varshift.core.theory import running_stats, shift_direct
-from varshift.formats.stats_io import BNLayer, BNStats
+from varshift.formats import BNLayer, BNStats
 from varshift.jobs.correct import (
     CorrectionConfig,
     LayerRule,

@@ -30,7 +30,7 @@ from varshift.cli import app
 from varshift.core.dropout import Dropout, InputMoments
 from varshift.core.presets import resolve_preset
 from varshift.core.theory import running_stats
-from varshift.formats.stats_io import read_stats
+from varshift.formats import read_stats
 
 Z = 4.0  # per-channel bound; the seeds are fixed, so the tests are deterministic
 

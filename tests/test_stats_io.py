@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from varshift.core.errors import InputFileError, MissingDependencyError, OutputFileError
-from varshift.formats.stats_io import (
+from varshift.formats import (
+    REGISTRY,
     BNLayer,
     BNStats,
     detect_format,
@@ -40,6 +41,13 @@ EXT = {
     "safetensors": ".safetensors",
     "torch": ".pt",
 }
+
+
+def require_extra(fmt: str) -> None:
+    """Skip unless the optional package the format needs is installed."""
+    extra = REGISTRY[fmt].extra
+    if extra is not None:
+        pytest.importorskip(extra.module)
 
 
 def digest(path: Path) -> str:
@@ -97,6 +105,7 @@ def assert_same_layers(a: BNStats, b: BNStats, dtype: str = "float64") -> None:
 
 @pytest.mark.parametrize("fmt", PLAIN_FORMATS)
 def test_plain_formats_round_trip_and_keep_unchanged_values(tmp_path: Path, fmt: str) -> None:
+    require_extra(fmt)
     source = tmp_path / f"stats{EXT[fmt]}"
     write_stats(two_layers(), source)
     first = read_stats(source)
@@ -309,6 +318,7 @@ def test_torch_half_and_bfloat16_buffers_keep_their_dtype(tmp_path: Path) -> Non
 @pytest.mark.parametrize("fmt", ["csv", "json", "npz", "safetensors"])
 def test_torch_exports_to_other_formats(tmp_path: Path, fmt: str) -> None:
     torch = pytest.importorskip("torch")
+    require_extra(fmt)
     path = tmp_path / "m.pt"
     torch.save(torch_model().state_dict(), path)
     stats = read_stats(path)
@@ -358,7 +368,7 @@ def test_missing_extra_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_the_core_imports_without_the_optional_extras() -> None:
     code = (
         "import sys\n"
-        "import varshift.formats.stats_io, varshift.jobs.correct\n"
+        "import varshift.formats, varshift.jobs.correct\n"
         "bad = [m for m in ('torch', 'h5py', 'safetensors', 'keras') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -456,6 +466,7 @@ def test_empty_and_missing_files(tmp_path: Path, name: str) -> None:
 
 def make_full(tmp_path: Path, fmt: str) -> Path:
     """A complete file of ``fmt`` with two layers."""
+    require_extra(fmt)
     if fmt == "torch":
         torch = pytest.importorskip("torch")
         path = tmp_path / "full.pt"

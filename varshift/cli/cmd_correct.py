@@ -25,7 +25,7 @@ from varshift.cli._outputs import Drawn, inline, preflight, save_all, write_page
 from varshift.core.errors import InputFileError, OutputFileError, ValidationError
 from varshift.core.files import atomic_write
 from varshift.core.presets import resolve_preset
-from varshift.formats.stats_io import BNStats, format_from_extension, read_stats, write_stats
+from varshift.formats import BNStats, format_from_extension, read_stats, write_stats
 from varshift.jobs.correct import (
     CorrectionConfig,
     CorrectionResult,

@@ -462,9 +462,9 @@ def _is_report(path: Path) -> bool:
 
 
 def _checkpoint_metrics(path: Path) -> dict[tuple[str, str], Metric]:
-    from varshift.formats import stats_io
+    from varshift.formats import read_stats
 
-    stats = stats_io.read_stats(path)
+    stats = read_stats(path)
     out: dict[tuple[str, str], Metric] = {}
     for name, layer in stats.layers.items():
         var = np.asarray(layer.var, dtype=np.float64)

@@ -34,7 +34,7 @@ from varshift.core.errors import InputFileError, ValidationError
 from varshift.core.presets import PRESETS, Preset
 from varshift.core.theory import corrected_variance, running_stats, updates_to_forget
 from varshift.core.validate import check_choice, check_range
-from varshift.formats.stats_io import BNLayer, BNStats, FloatArray
+from varshift.formats import BNLayer, BNStats, FloatArray
 
 METHODS: tuple[str, ...] = ("debiased", "naive")
 TARGETS: tuple[str, ...] = ("framework", "population")
@@ -337,7 +337,7 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
     Parameters
     ----------
     stats:
-        Statistics from :func:`varshift.formats.stats_io.read_stats`.
+        Statistics from :func:`varshift.formats.read_stats`.
     config:
         Rates, selection, dropout kind, framework convention and method.
 
@@ -363,7 +363,7 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
 
     Examples
     --------
-    >>> from varshift.formats.stats_io import BNLayer, BNStats
+    >>> from varshift.formats import BNLayer, BNStats
     >>> layer = BNLayer("bn", np.zeros(2), np.array([2.0, 4.0]))
     >>> result = correct_stats(BNStats({"bn": layer}, "json"), CorrectionConfig(rate=0.5))
     >>> result.stats.layers["bn"].var.tolist()
@@ -462,7 +462,7 @@ def inspect_stats(stats: BNStats, preset: Preset) -> tuple[LayerInspection, ...]
     Examples
     --------
     >>> from varshift.core.presets import resolve_preset
-    >>> from varshift.formats.stats_io import BNLayer, BNStats
+    >>> from varshift.formats import BNLayer, BNStats
     >>> fresh = BNLayer("bn", np.zeros(3), np.ones(3), count=0)
     >>> inspect_stats(BNStats({"bn": fresh}, "json"), resolve_preset("torch"))[0].flags
     'initial values (mean 0, var 1); few updates (0 < 44)'

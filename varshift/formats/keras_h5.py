@@ -1,0 +1,166 @@
+"""Keras 3 ``.weights.h5`` files (HDF5; ``.h5``, ``.hdf5``).
+
+Each ``layers/…/batch_normalization[_k]/vars`` group holds gamma?, beta?, moving_mean,
+moving_variance (trainable variables first): the last two datasets are the statistics. The
+optimizer's iteration count stands in for the update count. A Keras output rewrites a copy of
+a Keras input. Optional extra ``keras`` (h5py).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from varshift.core.errors import InputFileError, OutputFileError
+from varshift.core.files import replacing
+from varshift.formats.base import (
+    BNLayer,
+    BNStats,
+    Extra,
+    Format,
+    Origin,
+    cast,
+    first_line,
+    make_stats,
+    same_source,
+)
+
+EXTRA = Extra("keras", "h5py", "h5py")
+
+#: Keras 3 names a layer's group after its class: BatchNormalization → batch_normalization[_k].
+_KERAS_BN = re.compile(r"^(sync_)?batch_normalization(_\d+)?$")
+
+
+def sniff(head: bytes, path: Path) -> bool:
+    """The HDF5 signature."""
+    return head.startswith(b"\x89HDF\r\n\x1a\n")
+
+
+def _natural_key(text: str) -> list[Any]:
+    """``batch_normalization_10`` after ``batch_normalization_2``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def read(path: Path, fmt: str) -> BNStats:
+    """The BatchNormalization layers of a Keras 3 weights file, in natural name order."""
+    h5py = EXTRA.load("reading .weights.h5 files")
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputFileError(
+            f"{path}: not a readable HDF5 file (truncated or corrupt?): {first_line(exc)}"
+        ) from None
+    with fh:
+        root = fh.get("layers")
+        if root is None:
+            root = fh.get("_layer_checkpoint_dependencies")  # Keras 2.13 spelling
+        if root is None:
+            raise InputFileError(
+                f"{path}: no 'layers' group: not a Keras 3 .weights.h5 file (legacy tf.keras "
+                "HDF5 weights are not supported)"
+            )
+        groups: list[str] = []
+        root.visititems(
+            lambda name, obj: (
+                groups.append(name)
+                if isinstance(obj, h5py.Group) and _KERAS_BN.match(name.rsplit("/", 1)[-1])
+                else None
+            )
+        )
+        count, count_key = _keras_iterations(fh)
+        layers: dict[str, BNLayer] = {}
+        for rel in sorted(groups, key=_natural_key):
+            group = root[rel]
+            if "vars" not in group:
+                continue
+            layer = _keras_layer(group["vars"], str(path), count, count_key)
+            name = layer.name if layer.name not in layers else group["vars"].name
+            layers[name] = replace(layer, name=name)
+    return make_stats(layers, fmt, path, "keras", Origin(None))
+
+
+def _keras_iterations(fh: Any) -> tuple[int | None, str | None]:
+    """The optimizer's iteration count (its first variable), if the file stores one."""
+    key = "optimizer/vars/0"
+    ds = fh.get(key)
+    if ds is None or ds.shape != () or not np.issubdtype(ds.dtype, np.integer):
+        return None, None
+    return int(ds[()]), "/" + key
+
+
+def _keras_layer(group: Any, where: str, count: int | None, count_key: str | None) -> BNLayer:
+    """A BN ``vars`` group: gamma?, beta?, moving_mean, moving_variance (trainable first)."""
+    label = group.attrs.get("name", group.name)
+    name = label.decode() if isinstance(label, bytes) else str(label)
+    indices = sorted(group.keys(), key=_natural_key)
+    if not 2 <= len(indices) <= 4:
+        raise InputFileError(
+            f"{where}: layer {name!r}: expected 2 to 4 variables (gamma, beta, moving_mean, "
+            f"moving_variance) in {group.name}; found {len(indices)}"
+        )
+    datasets = [group[i] for i in indices]
+    for ds in datasets:
+        if ds.attrs.get("dtype") == "bfloat16":
+            raise InputFileError(
+                f"{where}: layer {name!r}: bfloat16 variables ({ds.name}) are not supported"
+            )
+    mean_ds, var_ds = datasets[-2], datasets[-1]
+    if mean_ds.shape != var_ds.shape:
+        raise InputFileError(
+            f"{where}: layer {name!r}: moving_mean has shape {mean_ds.shape} but "
+            f"moving_variance has shape {var_ds.shape}"
+        )
+    keys = {"mean": mean_ds.name, "var": var_ds.name}
+    scale = bias = None
+    if len(datasets) == 4:  # with 3 the first is gamma or beta: the file does not say which
+        scale, bias = (np.asarray(d[()], dtype=np.float64).reshape(-1) for d in datasets[:2])
+        keys["scale"], keys["bias"] = datasets[0].name, datasets[1].name
+    if count_key is not None:
+        keys["count"] = count_key
+    return BNLayer(
+        name=name,
+        mean=np.asarray(mean_ds[()], dtype=np.float64).reshape(-1),
+        var=np.asarray(var_ds[()], dtype=np.float64).reshape(-1),
+        scale=scale,
+        bias=bias,
+        count=count,
+        dtype=str(var_ds.dtype),
+        keys=MappingProxyType(keys),
+    )
+
+
+def write(stats: BNStats, path: Path, fmt: str) -> None:
+    """A copy of the Keras source file with the changed statistics datasets rewritten."""
+    if not same_source(stats, fmt) or stats.source is None:
+        raise OutputFileError(
+            f"{path}: a Keras .weights.h5 output needs a Keras .weights.h5 input (varshift "
+            "rewrites a copy of it); choose .pt, .npz, .safetensors, .csv or .json"
+        )
+    h5py = EXTRA.load("writing .weights.h5 files")
+    with replacing(path) as tmp:
+        shutil.copyfile(stats.source, tmp)
+        with h5py.File(tmp, "r+") as fh:
+            for layer in stats.layers.values():
+                for role, values in (("mean", layer.mean), ("var", layer.var)):
+                    ds = fh[layer.keys[role]]
+                    new = cast(values, ds.dtype, ds.shape)
+                    if not np.array_equal(new, ds[()], equal_nan=True):
+                        ds[...] = new
+
+
+FORMAT = Format(
+    name="keras",
+    extensions=(".h5", ".hdf5"),
+    shown=".weights.h5",
+    read=read,
+    write=write,
+    sniff=sniff,
+    framework="keras",
+    extra=EXTRA,
+)
