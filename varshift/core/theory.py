@@ -550,7 +550,7 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
                 dropout=drop.kind,
                 rate=drop.rate,
                 keep=drop.keep,
-                beta=drop.beta if drop.kind == "uout" else None,
+                beta=drop.beta if drop.spec.uses_beta else None,
                 kappa=drop.kappa if drop.multiplicative else None,
                 mean=c,
                 var=v,
