@@ -22,6 +22,7 @@ from varshift.core.dropout import Dropout, InputMoments
 from varshift.core.ema import ema_residual, ema_weight_sums
 from varshift.core.errors import ValidationError
 from varshift.core.presets import Preset
+from varshift.core.topology import THEORY_TOPOLOGIES, check_topology
 from varshift.core.validate import check_finite, check_int, check_range
 
 FloatArray = NDArray[np.float64]
@@ -421,7 +422,8 @@ def gamma_star(
 
 # --- the `varshift theory` table ------------------------------------------------------------------
 
-TOPOLOGIES: tuple[str, ...] = ("direct", "linear")
+#: Topologies the closed forms cover (:mod:`varshift.core.topology`); the old name.
+TOPOLOGIES: tuple[str, ...] = THEORY_TOPOLOGIES
 
 
 @dataclass(frozen=True)
@@ -505,8 +507,7 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
     preset = config.preset or resolve_preset("torch")
     c = check_finite("mean", config.mean)
     v = check_range("var", config.var, 0.0, None)
-    if config.topology not in TOPOLOGIES:
-        raise ValidationError(f"topology must be one of direct, linear; got {config.topology!r}")
+    check_topology(config.topology, THEORY_TOPOLOGIES)
     width = check_int("width", config.width, 1)
     n = preset.check_batch(check_int("batch_size", config.batch_size, 1))
     steps = check_int("steps", config.steps, 0)
