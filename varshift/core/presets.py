@@ -292,7 +292,8 @@ def resolve_preset(
         pass
     elif momentum is None:
         if not preset.none_is_cumulative:
-            owners = " or ".join(p.label for p in PRESETS.values() if p.none_is_cumulative)
+            labels = (p.label for p in PRESETS.values() if p.none_is_cumulative)
+            owners = " or ".join(dict.fromkeys(labels))
             raise ValidationError(
                 f"momentum must be a number for {name}; got None (the cumulative average "
                 f"is {owners}'s momentum=None only)"
