@@ -1,4 +1,5 @@
-"""Framework BatchNorm conventions; the one place where a dropout rate becomes a keep probability.
+"""Framework BatchNorm conventions as data; the one place where a dropout rate becomes a keep
+probability.
 
 Every framework's momentum is normalised to a decay ``alpha`` (the weight of the old value)::
 
@@ -9,6 +10,12 @@ PyTorch's ``momentum`` is the weight of the *new* batch (``alpha = 1 - momentum`
 and Flax's ``momentum`` is already the decay. Sources: ``torch/nn/modules/batchnorm.py``,
 ``keras/src/layers/normalization/batch_normalization.py``, ``flax/nnx/nn/normalization.py``,
 ``tensorflow/core/kernels/fused_batch_norm_op.cc`` (see ``shared/reference/frameworks.md``).
+
+Each framework is one :class:`Preset` record in :data:`PRESETS`; everything that differs
+between frameworks (momentum meaning, ``momentum=None``, the stored-variance
+:class:`Estimator`, eps and its minimum) is a field, so a new preset is one more entry and
+nothing else branches on a framework's name. The weights of the running average live in
+:mod:`varshift.core.ema`.
 """
 
 from __future__ import annotations

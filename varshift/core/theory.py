@@ -312,8 +312,10 @@ def running_stats(
     n = preset.check_batch(check_int("batch_size", batch_size, 1))
     steps = check_int("steps", steps, 0)
     var = out.var
-    es = var * preset.stored_factor(n)
-    vs = sample_variance_variance(var, out.mu4, n, unbiased=preset.unbiased) if n > 1 else 0.0
+    es_factor = preset.stored_factor(n)
+    es = var * es_factor
+    # Var of the stored estimator = Var of the unbiased one times (E[stored]/Var)².
+    vs = sample_variance_variance(var, out.mu4, n) * es_factor**2 if n > 1 else 0.0
     resid, sq = ema_weight_sums(preset.alpha, steps)
     return RunningStats(
         expected_mean=(1 - resid) * out.mean,
