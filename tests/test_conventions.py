@@ -8,7 +8,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from varshift.core.ema import ema_batch_weights, ema_residual, ema_weight_sums
+from varshift.core.ema import (
+    ema_batch_weights,
+    ema_residual,
+    ema_weight_sums,
+    ema_weight_sums_at,
+)
 from varshift.core.errors import ValidationError
 from varshift.core.presets import (
     BIASED,
@@ -180,6 +185,9 @@ def test_ema_weight_sums_match_the_update_run_on_impulses(alpha: float | None, s
     assert ema_residual(alpha, steps) == pytest.approx(r0, abs=1e-15)
     got = ema_batch_weights(alpha, steps, np.arange(steps))
     assert got.tolist() == pytest.approx(ws, rel=1e-12, abs=1e-15)
+    resids, sqs = ema_weight_sums_at(alpha, np.array([0.0, float(steps)]))
+    assert resids.tolist() == pytest.approx([1.0, r0], abs=1e-15)
+    assert sqs.tolist() == pytest.approx([0.0, sum(w * w for w in ws)], rel=1e-12, abs=1e-15)
 
 
 def test_ema_before_any_update() -> None:

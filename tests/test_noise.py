@@ -190,3 +190,16 @@ def test_dropout_choices_are_the_registry_keys() -> None:
     from varshift.cli._common import DropoutKind
 
     assert [k.value for k in DropoutKind] == list(KINDS) == list(DROPOUT_KINDS)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_noise_cumulants_agree_with_the_raw_moments(kind: str) -> None:
+    d = Dropout(kind, 0.3, 0.2)
+    if d.multiplicative:
+        e1, e2, e3, e4 = d.mask_moments()
+    else:  # alpha dropout draws the keep indicator a ~ Bernoulli(q): E[a^k] = q
+        e1 = e2 = e3 = e4 = d.keep
+    k2 = e2 - e1**2
+    k3 = e3 - 3 * e1 * e2 + 2 * e1**3
+    mu4 = e4 - 4 * e1 * e3 + 6 * e1**2 * e2 - 3 * e1**4
+    assert d.noise_cumulants() == pytest.approx((e1, k2, k3, mu4 - 3 * k2**2), rel=1e-9, abs=1e-12)

@@ -183,6 +183,12 @@ def _uout_moments(q: float, r: float, beta: float) -> Moments4:
     return (1.0, 1.0 + b2 / 3, 1.0 + b2, 1.0 + 2 * b2 + b2**2 / 5)
 
 
+def _indicator_cumulants(s: float, mean: float, q: float, r: float) -> Moments4:
+    """Mean and cumulants ``k2, k3, k4`` of ``s`` times a Bernoulli(q) keep indicator."""
+    qr = q * r
+    return mean, s**2 * qr, s**3 * qr * (1.0 - 2.0 * q), s**4 * qr * (1.0 - 6.0 * qr)
+
+
 @dataclass(frozen=True)
 class KindSpec:
     """One dropout kind: what it draws and the moments the closed forms need.
@@ -208,6 +214,9 @@ class KindSpec:
         ``None`` for the other kinds.
     test_scale_is_keep:
         True if the layer multiplies by ``q`` at test time (non-inverted dropout); else identity.
+    cumulants:
+        Mean and cumulants ``k2, k3, k4`` of the drawn noise ``xi`` (``m``, or the keep
+        indicator for alpha dropout), written without cancellation.
     draw:
         Fills ``out`` with the noise of :meth:`Dropout.sample_noise` (``m``, or the keep
         indicator for alpha dropout), one uniform or normal per element in ``out``'s order.
@@ -221,6 +230,7 @@ class KindSpec:
     variance: Callable[[float, float, float], float] | None
     indicator_scale: Callable[[float], float] | None
     test_scale_is_keep: bool
+    cumulants: Callable[[float, float, float], Moments4]
     draw: Callable[[Dropout, np.random.Generator, FloatArray], FloatArray]
 
 
@@ -236,6 +246,7 @@ KINDS: dict[str, KindSpec] = {
             variance=lambda q, r, b: r / q,
             indicator_scale=lambda q: 1.0 / q,
             test_scale_is_keep=False,
+            cumulants=lambda q, r, b: _indicator_cumulants(1.0 / q, 1.0, q, r),
             draw=_draw_inverted,
         ),
         KindSpec(
@@ -247,6 +258,7 @@ KINDS: dict[str, KindSpec] = {
             variance=lambda q, r, b: q * r,
             indicator_scale=lambda q: 1.0,
             test_scale_is_keep=True,
+            cumulants=lambda q, r, b: _indicator_cumulants(1.0, q, q, r),
             draw=_draw_keep,
         ),
         KindSpec(
@@ -258,6 +270,7 @@ KINDS: dict[str, KindSpec] = {
             variance=lambda q, r, b: r / q,
             indicator_scale=None,
             test_scale_is_keep=False,
+            cumulants=lambda q, r, b: (1.0, r / q, 0.0, 0.0),
             draw=_draw_normal,
         ),
         KindSpec(
@@ -269,6 +282,7 @@ KINDS: dict[str, KindSpec] = {
             variance=lambda q, r, b: b**2 / 3,
             indicator_scale=None,
             test_scale_is_keep=False,
+            cumulants=lambda q, r, b: (1.0, b**2 / 3.0, 0.0, -2.0 * b**2 * b**2 / 15.0),
             draw=_draw_uniform,
         ),
         KindSpec(
@@ -280,6 +294,7 @@ KINDS: dict[str, KindSpec] = {
             variance=None,
             indicator_scale=None,
             test_scale_is_keep=False,
+            cumulants=lambda q, r, b: _indicator_cumulants(1.0, q, q, r),
             draw=_draw_keep,
         ),
     )
@@ -348,6 +363,11 @@ class Dropout:
         if variance is None:
             raise self._not_multiplicative()
         return variance(self.keep, self.rate, self.beta)
+
+    def noise_cumulants(self) -> Moments4:
+        """Mean and cumulants ``k2, k3, k4`` of the noise :meth:`sample_noise` draws: ``m`` for
+        the multiplicative kinds, the keep indicator (``Bernoulli(q)``) for alpha dropout."""
+        return self.spec.cumulants(self.keep, self.rate, self.beta)
 
     @property
     def kappa(self) -> float:

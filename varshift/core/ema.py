@@ -86,3 +86,21 @@ def ema_batch_weights(
     if alpha is None:
         return np.full(g.shape, 1.0 / steps)
     return (1.0 - alpha) * np.power(alpha, (steps - 1 - g).astype(np.float64))
+
+
+def ema_weight_sums_at(
+    alpha: float | None, steps: NDArray[np.floating]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """:func:`ema_weight_sums` for an array of update counts (a running value's trajectory).
+
+    Examples
+    --------
+    >>> resid, sq = ema_weight_sums_at(0.5, np.array([0.0, 1.0, 2.0]))
+    >>> resid.tolist(), sq.tolist()
+    ([1.0, 0.5, 0.25], [0.0, 0.25, 0.3125])
+    """
+    t = np.asarray(steps, dtype=np.float64)
+    if alpha is None:
+        return np.where(t == 0, 1.0, 0.0), np.where(t == 0, 0.0, 1.0 / np.maximum(t, 1.0))
+    a = alpha
+    return np.power(a, t), (1.0 - a) / (1.0 + a) * (1.0 - np.power(a, 2.0 * t))
