@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from varshift.core.dropout import ALPHA_PRIME, DROPOUT_KINDS, Dropout, InputMoments
+from varshift.core.dropout import ALPHA_PRIME, DROPOUT_KINDS, KINDS, Dropout, InputMoments
 from varshift.core.errors import ValidationError
 
 # Each Monte-Carlo check is a z-test with this many standard errors. There are ~60 such
@@ -154,3 +154,52 @@ def test_rate_zero_is_the_identity() -> None:
     x = rng.normal(size=1000)
     for kind in ("bernoulli", "vanilla", "gaussian"):
         np.testing.assert_array_equal(Dropout(kind, 0.0).sample(x, rng), x)
+
+
+# --- the kind registry ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_has_every_field(kind: str) -> None:
+    spec = KINDS[kind]
+    assert spec.name == kind and spec.description
+    assert isinstance(spec.uses_rate, bool) and isinstance(spec.uses_beta, bool)
+    assert (spec.moments is None) == (spec.variance is None)
+    assert callable(spec.draw)
+    d = Dropout(kind, 0.3, 0.2)
+    assert d.spec is spec
+    if spec.moments is not None:
+        e1, e2, _, _ = d.mask_moments()
+        assert d.mask_variance() == pytest.approx(e2 - e1 * e1, rel=1e-12)
+
+
+def test_kind_fields_are_the_documented_ones() -> None:
+    q, r, b = 0.7, 0.3, 0.2
+    assert KINDS["bernoulli"].moments(q, r, b) == (1.0, 1 / q, 1 / q**2, 1 / q**3)  # type: ignore[misc]
+    assert KINDS["vanilla"].moments(q, r, b) == (q, q, q, q)  # type: ignore[misc]
+    assert [k for k, s in KINDS.items() if s.uses_beta] == ["uout"]
+    assert [k for k, s in KINDS.items() if not s.uses_rate] == ["uout"]
+    assert [k for k, s in KINDS.items() if s.moments is None] == ["alpha"]
+    assert [k for k, s in KINDS.items() if s.test_scale_is_keep] == ["vanilla"]
+    assert Dropout("bernoulli", 0.3).indicator_scale == 1 / 0.7
+    assert Dropout("vanilla", 0.3).indicator_scale == 1.0
+    assert Dropout("gaussian", 0.3).indicator_scale is None
+
+
+def test_dropout_choices_are_the_registry_keys() -> None:
+    from varshift.cli._common import DropoutKind
+
+    assert [k.value for k in DropoutKind] == list(KINDS) == list(DROPOUT_KINDS)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_noise_cumulants_agree_with_the_raw_moments(kind: str) -> None:
+    d = Dropout(kind, 0.3, 0.2)
+    if d.multiplicative:
+        e1, e2, e3, e4 = d.mask_moments()
+    else:  # alpha dropout draws the keep indicator a ~ Bernoulli(q): E[a^k] = q
+        e1 = e2 = e3 = e4 = d.keep
+    k2 = e2 - e1**2
+    k3 = e3 - 3 * e1 * e2 + 2 * e1**3
+    mu4 = e4 - 4 * e1 * e3 + 6 * e1**2 * e2 - 3 * e1**4
+    assert d.noise_cumulants() == pytest.approx((e1, k2, k3, mu4 - 3 * k2**2), rel=1e-9, abs=1e-12)

@@ -389,3 +389,37 @@ def test_theory_table_linear_rows() -> None:
 def test_bad_theory_config(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         theory_table(TheoryConfig(rates=(0.5,), **kwargs))  # type: ignore[arg-type]
+
+
+# --- the topology registry ----------------------------------------------------------------------
+
+
+def test_topology_registry_and_choices() -> None:
+    from varshift.cli._common import Topology
+    from varshift.core.theory import TOPOLOGIES as THEORY_OLD_NAME
+    from varshift.core.topology import ENGINE_TOPOLOGIES, THEORY_TOPOLOGIES, TOPOLOGIES
+
+    for name, topo in TOPOLOGIES.items():
+        assert topo.name == name and topo.description
+        assert isinstance(topo.theory, bool) and isinstance(topo.engine, bool)
+    assert THEORY_TOPOLOGIES == THEORY_OLD_NAME == ("direct", "linear")
+    assert ENGINE_TOPOLOGIES == ("direct", "linear", "conv")
+    assert [t.value for t in Topology] == list(ENGINE_TOPOLOGIES)
+
+
+def test_theory_refuses_a_topology_it_does_not_cover() -> None:
+    with pytest.raises(
+        ValidationError, match=r"^topology must be one of direct, linear; got 'conv'$"
+    ):
+        theory_table(TheoryConfig(rates=(0.5,), topology="conv"))
+
+
+def test_the_theory_tables_gamma_star_is_gamma_star() -> None:
+    # direct: the table's γ* is gamma_star's at the preset's eps, here for vanilla's test scale.
+    preset = resolve_preset("keras")
+    row = theory_table(
+        TheoryConfig(rates=(0.3,), mean=1.0, var=2.0, dropout="vanilla", preset=preset)
+    )[0]
+    q = 0.7
+    train_var = q * (1.0 + 2.0) - q * q * 1.0  # E[(a x)²] - E[a x]², a ~ Bernoulli(q)
+    assert row.gamma_star == pytest.approx(q * 2.0 / math.sqrt(train_var + 1e-3), rel=1e-12)

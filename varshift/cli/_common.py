@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable, Mapping
-from enum import StrEnum
+from collections.abc import Callable, Iterable, Mapping
+from enum import EnumMeta, StrEnum
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pandas as pd
 import typer
 
+from varshift.core.dropout import KINDS
 from varshift.core.errors import RegressionFound, ValidationError, VarshiftError
 from varshift.core.files import atomic_write
+from varshift.core.presets import PRESETS
+from varshift.core.topology import ENGINE_TOPOLOGIES
 from varshift.present.render import frame_table, stdout_console
 from varshift.present.report import render_text
 
@@ -30,23 +33,34 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class Framework(StrEnum):
-    """``--framework`` choices (DESIGN §2 presets)."""
-
-    torch = "torch"
-    keras = "keras"
-    tf_keras = "tf-keras"
-    flax = "flax"
+def _choices(name: str, values: Iterable[str], doc: str) -> Any:
+    """A ``StrEnum`` of ``values`` (member names with ``-`` as ``_``) for a typer option."""
+    enum = StrEnum(name, {v.replace("-", "_"): v for v in values})  # type: ignore[misc]
+    enum.__doc__ = doc
+    return enum
 
 
-class DropoutKind(StrEnum):
-    """``--dropout`` choices."""
+# Generated from the core registries, so a new preset, dropout kind or topology appears in every
+# command's choices. mypy cannot see generated members: for it, any member name is a member.
+if TYPE_CHECKING:
+    _E = TypeVar("_E")
 
-    bernoulli = "bernoulli"
-    vanilla = "vanilla"
-    gaussian = "gaussian"
-    uout = "uout"
-    alpha = "alpha"
+    class _Generated(EnumMeta):
+        def __getattr__(cls: type[_E], name: str) -> _E: ...
+
+    class Framework(StrEnum, metaclass=_Generated):
+        """``--framework`` choices."""
+
+    class DropoutKind(StrEnum, metaclass=_Generated):
+        """``--dropout`` choices."""
+
+    class Topology(StrEnum, metaclass=_Generated):
+        """``--topology`` choices of simulate."""
+
+else:
+    Framework = _choices("Framework", PRESETS, "``--framework`` choices (DESIGN §2 presets).")
+    DropoutKind = _choices("DropoutKind", KINDS, "``--dropout`` choices.")
+    Topology = _choices("Topology", ENGINE_TOPOLOGIES, "``--topology`` choices of simulate.")
 
 
 class OutputFormat(StrEnum):

@@ -22,6 +22,7 @@ dropout uses PyTorch's and Keras' constants (``aten/src/ATen/native/Dropout.cpp`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,12 +32,13 @@ from varshift.core.errors import ValidationError
 from varshift.core.presets import keep_from_rate
 from varshift.core.validate import check_choice, check_finite, check_range
 
-DROPOUT_KINDS: tuple[str, ...] = ("bernoulli", "vanilla", "gaussian", "uout", "alpha")
-
 #: SELU ``scale * alpha``, negated: the value alpha dropout assigns to a dropped unit.
 ALPHA_PRIME = -1.7580993408473766
 
 FloatArray = NDArray[np.floating]
+
+#: ``E[m^k]``, k = 1..4, of a multiplicative noise ``m``.
+Moments4 = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,166 @@ class InputMoments:
         )
 
 
+# --- the kinds, as data ---------------------------------------------------------------------------
+
+
+def _draw_keep(d: Dropout, rng: np.random.Generator, out: FloatArray) -> FloatArray:
+    return d.sample_keep(rng, out)
+
+
+def _draw_inverted(d: Dropout, rng: np.random.Generator, out: FloatArray) -> FloatArray:
+    d.sample_keep(rng, out)
+    return np.divide(out, d.keep, out=out)
+
+
+def _draw_normal(d: Dropout, rng: np.random.Generator, out: FloatArray) -> FloatArray:
+    sd = math.sqrt(d.rate / d.keep)
+    rng.standard_normal(dtype=out.dtype.type, out=out)
+    out *= sd
+    out += 1.0
+    return out
+
+
+def _draw_uniform(d: Dropout, rng: np.random.Generator, out: FloatArray) -> FloatArray:
+    rng.random(dtype=out.dtype.type, out=out)
+    out *= 2.0
+    out -= 1.0
+    out *= d.beta
+    out += 1.0
+    return out
+
+
+def _gaussian_moments(q: float, r: float, beta: float) -> Moments4:
+    s2 = r / q
+    return (1.0, 1.0 + s2, 1.0 + 3 * s2, 1.0 + 6 * s2 + 3 * s2**2)
+
+
+def _uout_moments(q: float, r: float, beta: float) -> Moments4:
+    b2 = beta**2
+    return (1.0, 1.0 + b2 / 3, 1.0 + b2, 1.0 + 2 * b2 + b2**2 / 5)
+
+
+def _indicator_cumulants(s: float, mean: float, q: float, r: float) -> Moments4:
+    """Mean and cumulants ``k2, k3, k4`` of ``s`` times a Bernoulli(q) keep indicator."""
+    qr = q * r
+    return mean, s**2 * qr, s**3 * qr * (1.0 - 2.0 * q), s**4 * qr * (1.0 - 6.0 * qr)
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """One dropout kind: what it draws and the moments the closed forms need.
+
+    Every function field takes the keep probability ``q``, the rate ``r = 1 - q`` and uout's
+    half-width ``beta``, whether or not the kind uses them.
+
+    Attributes
+    ----------
+    name:
+        The ``--dropout`` name.
+    description:
+        One line for help and docs.
+    uses_rate, uses_beta:
+        Whether the noise depends on the rate and on ``beta`` (uout: ``beta`` only).
+    moments:
+        ``E[m^k]``, k = 1..4, of the multiplicative noise ``m``; ``None`` when the kind is not
+        multiplicative (alpha dropout).
+    variance:
+        ``Var[m]``, written without cancellation; ``None`` with ``moments``.
+    indicator_scale:
+        ``s`` when the noise is ``s`` times the keep indicator (bernoulli ``1/q``, vanilla 1);
+        ``None`` for the other kinds.
+    test_scale_is_keep:
+        True if the layer multiplies by ``q`` at test time (non-inverted dropout); else identity.
+    cumulants:
+        Mean and cumulants ``k2, k3, k4`` of the drawn noise ``xi`` (``m``, or the keep
+        indicator for alpha dropout), written without cancellation.
+    draw:
+        Fills ``out`` with the noise of :meth:`Dropout.sample_noise` (``m``, or the keep
+        indicator for alpha dropout), one uniform or normal per element in ``out``'s order.
+    """
+
+    name: str
+    description: str
+    uses_rate: bool
+    uses_beta: bool
+    moments: Callable[[float, float, float], Moments4] | None
+    variance: Callable[[float, float, float], float] | None
+    indicator_scale: Callable[[float], float] | None
+    test_scale_is_keep: bool
+    cumulants: Callable[[float, float, float], Moments4]
+    draw: Callable[[Dropout, np.random.Generator, FloatArray], FloatArray]
+
+
+KINDS: dict[str, KindSpec] = {
+    spec.name: spec
+    for spec in (
+        KindSpec(
+            "bernoulli",
+            "inverted dropout, x a / q with a ~ Bernoulli(q) (every framework's default)",
+            uses_rate=True,
+            uses_beta=False,
+            moments=lambda q, r, b: (1.0, 1.0 / q, 1.0 / q**2, 1.0 / q**3),
+            variance=lambda q, r, b: r / q,
+            indicator_scale=lambda q: 1.0 / q,
+            test_scale_is_keep=False,
+            cumulants=lambda q, r, b: _indicator_cumulants(1.0 / q, 1.0, q, r),
+            draw=_draw_inverted,
+        ),
+        KindSpec(
+            "vanilla",
+            "non-inverted dropout, x a in training and q x at test time",
+            uses_rate=True,
+            uses_beta=False,
+            moments=lambda q, r, b: (q, q, q, q),
+            variance=lambda q, r, b: q * r,
+            indicator_scale=lambda q: 1.0,
+            test_scale_is_keep=True,
+            cumulants=lambda q, r, b: _indicator_cumulants(1.0, q, q, r),
+            draw=_draw_keep,
+        ),
+        KindSpec(
+            "gaussian",
+            "multiplicative Normal(1, r/q) noise (Keras GaussianDropout)",
+            uses_rate=True,
+            uses_beta=False,
+            moments=_gaussian_moments,
+            variance=lambda q, r, b: r / q,
+            indicator_scale=None,
+            test_scale_is_keep=False,
+            cumulants=lambda q, r, b: (1.0, r / q, 0.0, 0.0),
+            draw=_draw_normal,
+        ),
+        KindSpec(
+            "uout",
+            "x (1 + u), u ~ Uniform(-beta, beta) (Li et al.); ignores the rate",
+            uses_rate=False,
+            uses_beta=True,
+            moments=_uout_moments,
+            variance=lambda q, r, b: b**2 / 3,
+            indicator_scale=None,
+            test_scale_is_keep=False,
+            cumulants=lambda q, r, b: (1.0, b**2 / 3.0, 0.0, -2.0 * b**2 * b**2 / 15.0),
+            draw=_draw_uniform,
+        ),
+        KindSpec(
+            "alpha",
+            "alpha dropout: dropped units set to SELU's negative saturation, then an affine fix",
+            uses_rate=True,
+            uses_beta=False,
+            moments=None,
+            variance=None,
+            indicator_scale=None,
+            test_scale_is_keep=False,
+            cumulants=lambda q, r, b: _indicator_cumulants(1.0, q, q, r),
+            draw=_draw_keep,
+        ),
+    )
+}
+
+#: The dropout kind names, in registry order (the ``--dropout`` choices).
+DROPOUT_KINDS: tuple[str, ...] = tuple(KINDS)
+
+
 @dataclass(frozen=True)
 class Dropout:
     """One dropout kind at one rate.
@@ -168,6 +330,11 @@ class Dropout:
         check_range("beta", self.beta, 0.0, None)
 
     @property
+    def spec(self) -> KindSpec:
+        """The registry record of this kind (:data:`KINDS`)."""
+        return KINDS[self.kind]
+
+    @property
     def keep(self) -> float:
         """Keep probability ``q = 1 - rate``."""
         return keep_from_rate(self.rate)
@@ -175,34 +342,32 @@ class Dropout:
     @property
     def multiplicative(self) -> bool:
         """True if the training output is ``x * m`` with ``m`` independent of ``x``."""
-        return self.kind != "alpha"
+        return self.spec.moments is not None
 
-    def mask_moments(self) -> tuple[float, float, float, float]:
+    def _not_multiplicative(self) -> ValidationError:
+        return ValidationError(
+            f"dropout {self.kind!r} is not multiplicative; it has no mask moments"
+        )
+
+    def mask_moments(self) -> Moments4:
         """Raw moments ``E[m^k]``, k = 1..4, of the multiplicative noise ``m``."""
-        q, r = self.keep, self.rate
-        if self.kind == "bernoulli":
-            return (1.0, 1.0 / q, 1.0 / q**2, 1.0 / q**3)
-        if self.kind == "vanilla":
-            return (q, q, q, q)
-        if self.kind == "gaussian":
-            s2 = r / q
-            return (1.0, 1.0 + s2, 1.0 + 3 * s2, 1.0 + 6 * s2 + 3 * s2**2)
-        if self.kind == "uout":
-            b2 = self.beta**2
-            return (1.0, 1.0 + b2 / 3, 1.0 + b2, 1.0 + 2 * b2 + b2**2 / 5)
-        raise ValidationError("dropout 'alpha' is not multiplicative; it has no mask moments")
+        moments = self.spec.moments
+        if moments is None:
+            raise self._not_multiplicative()
+        return moments(self.keep, self.rate, self.beta)
 
     def mask_variance(self) -> float:
         """``Var[m]``, written without cancellation: ``r/q`` (bernoulli, gaussian), ``q r``
         (vanilla), ``beta²/3`` (uout)."""
-        q, r = self.keep, self.rate
-        if self.kind in ("bernoulli", "gaussian"):
-            return r / q
-        if self.kind == "vanilla":
-            return q * r
-        if self.kind == "uout":
-            return self.beta**2 / 3
-        raise ValidationError("dropout 'alpha' is not multiplicative; it has no mask moments")
+        variance = self.spec.variance
+        if variance is None:
+            raise self._not_multiplicative()
+        return variance(self.keep, self.rate, self.beta)
+
+    def noise_cumulants(self) -> Moments4:
+        """Mean and cumulants ``k2, k3, k4`` of the noise :meth:`sample_noise` draws: ``m`` for
+        the multiplicative kinds, the keep indicator (``Bernoulli(q)``) for alpha dropout."""
+        return self.spec.cumulants(self.keep, self.rate, self.beta)
 
     @property
     def kappa(self) -> float:
@@ -213,7 +378,7 @@ class Dropout:
     @property
     def test_scale(self) -> float:
         """The factor dropout applies at test time: ``q`` for vanilla, 1 otherwise."""
-        return self.keep if self.kind == "vanilla" else 1.0
+        return self.keep if self.spec.test_scale_is_keep else 1.0
 
     def _alpha_affine(self) -> tuple[float, float, float]:
         """``(a, b, d)``: kept units map to ``a x + b``, dropped ones to ``d = a alpha' + b``."""
@@ -275,9 +440,8 @@ class Dropout:
     def indicator_scale(self) -> float | None:
         """``s`` when the noise is ``s`` times the keep indicator: ``1/q`` (bernoulli), 1 (vanilla);
         ``None`` for the other kinds."""
-        if self.kind == "bernoulli":
-            return 1.0 / self.keep
-        return 1.0 if self.kind == "vanilla" else None
+        scale = self.spec.indicator_scale
+        return None if scale is None else scale(self.keep)
 
     def sample_keep(self, rng: np.random.Generator, out: FloatArray) -> FloatArray:
         """Draw the keep indicator (1.0 kept, 0.0 dropped, ``P(kept) = q``) into ``out``.
@@ -300,24 +464,9 @@ class Dropout:
 
         ``out``: a float array of that shape and ``dtype`` to draw into instead of a new one.
         """
-        q = self.keep
         if out is None:
             out = np.empty(shape, dtype=dtype)
-        if self.kind in ("bernoulli", "vanilla", "alpha"):
-            self.sample_keep(rng, out)
-            return np.divide(out, q, out=out) if self.kind == "bernoulli" else out
-        if self.kind == "gaussian":
-            sd = math.sqrt(self.rate / q)
-            rng.standard_normal(dtype=out.dtype.type, out=out)
-            out *= sd
-            out += 1.0
-            return out
-        rng.random(dtype=out.dtype.type, out=out)
-        out *= 2.0
-        out -= 1.0
-        out *= self.beta
-        out += 1.0
-        return out
+        return self.spec.draw(self, rng, out)
 
     def apply(self, x: FloatArray, noise: FloatArray) -> FloatArray:
         """Training-mode output for input ``x`` and noise from :meth:`sample_noise`."""

@@ -19,8 +19,10 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from varshift.core.dropout import Dropout, InputMoments
+from varshift.core.ema import ema_residual, ema_weight_sums
 from varshift.core.errors import ValidationError
 from varshift.core.presets import Preset
+from varshift.core.topology import THEORY_TOPOLOGIES, check_topology
 from varshift.core.validate import check_finite, check_int, check_range
 
 FloatArray = NDArray[np.float64]
@@ -230,11 +232,7 @@ def sample_variance_variance(var: float, mu4: float, n: int, *, unbiased: bool =
 
 def residual_weight(preset: Preset, steps: int) -> float:
     """Weight ``alpha^T`` the initial value (0 or 1) keeps after ``T`` updates (0 if cumulative)."""
-    steps = check_int("steps", steps, 0)
-    if preset.cumulative:
-        return 1.0 if steps == 0 else 0.0
-    assert preset.alpha is not None
-    return float(preset.alpha**steps)
+    return ema_residual(preset.alpha, check_int("steps", steps, 0))
 
 
 def updates_to_forget(preset: Preset, tol: float = 0.01) -> int | None:
@@ -285,19 +283,6 @@ class RunningStats:
     residual: float
 
 
-def _ema_weights(preset: Preset, steps: int) -> tuple[float, float]:
-    """``(residual, sum of squared batch weights)`` of the running average after ``steps``."""
-    if steps == 0:
-        return 1.0, 0.0
-    if preset.cumulative:
-        return 0.0, 1.0 / steps
-    assert preset.alpha is not None
-    a = preset.alpha
-    # R_T = a^T R_0 + (1-a) sum_k a^k s_{T-k}: squared weights sum to (1-a)²(1-a^{2T})/(1-a²).
-    sq = (1 - a) / (1 + a) * (1 - a ** (2 * steps)) if a < 1.0 else 0.0
-    return a**steps, sq
-
-
 def running_stats(
     out: InputMoments,
     preset: Preset,
@@ -327,9 +312,11 @@ def running_stats(
     n = preset.check_batch(check_int("batch_size", batch_size, 1))
     steps = check_int("steps", steps, 0)
     var = out.var
-    es = var * preset.stored_factor(n)
-    vs = sample_variance_variance(var, out.mu4, n, unbiased=preset.unbiased) if n > 1 else 0.0
-    resid, sq = _ema_weights(preset, steps)
+    es_factor = preset.stored_factor(n)
+    es = var * es_factor
+    # Var of the stored estimator = Var of the unbiased one times (E[stored]/Var)².
+    vs = sample_variance_variance(var, out.mu4, n) * es_factor**2 if n > 1 else 0.0
+    resid, sq = ema_weight_sums(preset.alpha, steps)
     return RunningStats(
         expected_mean=(1 - resid) * out.mean,
         mean_sd=math.sqrt(sq * var / n),
@@ -407,7 +394,9 @@ def corrected_variance(
     return np.asarray(m, dtype=np.float64), np.asarray(v, dtype=np.float64) * rebias
 
 
-def gamma_star(c: float, v: float, dropout: Dropout, eps: float = 0.0) -> tuple[float, float]:
+def gamma_star(
+    c: float, v: float, dropout: Dropout, eps: float = 0.0, *, shift: Shift | None = None
+) -> tuple[float, float]:
     """Least-squares optimum ``(gamma*, beta*)`` of a BN trained to reproduce its clean input.
 
     The model is ``gamma (y - E y)/sqrt(Var_train + eps) + beta`` on the dropout output ``y``
@@ -415,20 +404,28 @@ def gamma_star(c: float, v: float, dropout: Dropout, eps: float = 0.0) -> tuple[
     ``gamma* = Cov(x, y)/sqrt(Var_train + eps)`` (``v / sqrt(Var_train)`` for bernoulli) and
     ``beta* = c``.
 
+    ``shift`` replaces case (a) by another topology's shift (e.g.
+    :func:`shift_equicorrelated`): ``Var_train`` is then its training variance and the clean
+    variance its test variance undone by the test-time scale (``Var_test / k²``).
+
     Examples
     --------
     >>> gamma_star(0.0, 1.0, Dropout("bernoulli", 0.5))[0] == 1 / 2**0.5
     True
     """
     c, v = _check_mean_var(c, v)
-    s = shift_direct(c, v, dropout)
-    denom = math.sqrt(s.train_var + eps)
-    return (_slope(dropout) * v / denom if denom > 0 else 0.0), c
+    if shift is None:
+        shift, clean_var = shift_direct(c, v, dropout), v
+    else:
+        clean_var = shift.test_var / dropout.test_scale**2
+    denom = math.sqrt(shift.train_var + eps)
+    return (_slope(dropout) * clean_var / denom if denom > 0 else 0.0), c
 
 
 # --- the `varshift theory` table ------------------------------------------------------------------
 
-TOPOLOGIES: tuple[str, ...] = ("direct", "linear")
+#: Topologies the closed forms cover (:mod:`varshift.core.topology`); the old name.
+TOPOLOGIES: tuple[str, ...] = THEORY_TOPOLOGIES
 
 
 @dataclass(frozen=True)
@@ -512,8 +509,7 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
     preset = config.preset or resolve_preset("torch")
     c = check_finite("mean", config.mean)
     v = check_range("var", config.var, 0.0, None)
-    if config.topology not in TOPOLOGIES:
-        raise ValidationError(f"topology must be one of direct, linear; got {config.topology!r}")
+    check_topology(config.topology, THEORY_TOPOLOGIES)
     width = check_int("width", config.width, 1)
     n = preset.check_batch(check_int("batch_size", config.batch_size, 1))
     steps = check_int("steps", config.steps, 0)
@@ -543,9 +539,6 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
             out = drop.train_moments(x)
             exact = True
         run = running_stats(out, preset, n, steps)
-        slope = _slope(drop)
-        clean_var = shift.test_var / drop.test_scale**2
-        denom = math.sqrt(shift.train_var + preset.eps)
         deb = naive = None
         if not linear:
             _, dv = corrected_variance(
@@ -560,7 +553,7 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
                 dropout=drop.kind,
                 rate=drop.rate,
                 keep=drop.keep,
-                beta=drop.beta if drop.kind == "uout" else None,
+                beta=drop.beta if drop.spec.uses_beta else None,
                 kappa=drop.kappa if drop.multiplicative else None,
                 mean=c,
                 var=v,
@@ -586,7 +579,7 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
                 updates_to_1pct=updates_to_forget(preset),
                 corrected_var_debiased=deb,
                 corrected_var_naive=naive,
-                gamma_star=slope * clean_var / denom if denom > 0 else 0.0,
+                gamma_star=gamma_star(c, v, drop, preset.eps, shift=shift)[0],
             )
         )
     return rows
