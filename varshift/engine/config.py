@@ -300,6 +300,42 @@ def _linear_unit(config: SimConfig, shape: _Shape) -> _Linear:
     return _Linear(weights, features, width, cos2, check_rho(config.rho, width))
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The dataset's resolved layout and, for ``linear``, its unit."""
+
+    data: FloatArray | None
+    rows: int
+    features: int
+    width: int
+    spatial: tuple[int, int]
+    rho: float = 0.0
+    cos2: float | None = None
+    weights: FloatArray | None = None
+
+
+def _layout(config: SimConfig, topology: str) -> _Layout:
+    """Validate the data or synthetic shape, the linear unit, and resolve the defaults."""
+    data = None if config.data is None else check_array("data", config.data)
+    if data is None:
+        shape = _synthetic_shape(config, topology)
+    else:
+        shape = _shape_from_data(config, topology, data)
+    rows = check_int("samples", shape.rows, 1)
+    if topology != "linear":
+        features = check_int(
+            "features", DEFAULT_FEATURES if shape.features is None else shape.features, 1
+        )
+        return _Layout(shape.data, rows, features, features, shape.spatial)
+    unit = _linear_unit(config, shape)
+    features = check_int(
+        "features", DEFAULT_FEATURES if unit.features is None else unit.features, 1
+    )
+    return _Layout(
+        shape.data, rows, features, unit.width, shape.spatial, unit.rho, unit.cos2, unit.weights
+    )
+
+
 def _epoch_batches(
     config: SimConfig, preset: Preset, batch: int, rows: int, positions: int
 ) -> tuple[int, int]:
@@ -338,24 +374,9 @@ def make_plan(config: SimConfig) -> Plan:
     chunk = check_int("chunk_elements", config.chunk_elements, 1)
     _check_topology_options(config, topology)
 
-    data = None if config.data is None else check_array("data", config.data)
-    shape = (
-        _synthetic_shape(config, topology)
-        if data is None
-        else (_shape_from_data(config, topology, data))
-    )
-    rows = check_int("samples", shape.rows, 1)
-    features, width = shape.features, shape.width
-    linear = _linear_unit(config, shape) if topology == "linear" else None
-    if linear is not None:
-        features, width = linear.features, linear.width
-    features = check_int("features", DEFAULT_FEATURES if features is None else features, 1)
-    width = width if linear is not None else features
-    assert width is not None  # resolved above for every topology
-
-    spatial = shape.spatial
-    positions = spatial[0] * spatial[1]
-    full, last = _epoch_batches(config, preset, batch, rows, positions)
+    layout = _layout(config, topology)
+    features, width, spatial, rows = layout.features, layout.width, layout.spatial, layout.rows
+    full, last = _epoch_batches(config, preset, batch, rows, spatial[0] * spatial[1])
     per_epoch = full + (1 if last else 0)
     if config.fit and topology != "direct":
         raise ValidationError(f"fit needs the direct topology; got {topology}")
@@ -379,11 +400,11 @@ def make_plan(config: SimConfig) -> Plan:
         last=last,
         full_batches=full,
         steps=epochs * per_epoch if steps is None else steps,
-        rho=0.0 if linear is None else linear.rho,
-        cos2=None if linear is None else linear.cos2,
-        data=shape.data,
-        resample=data is not None and config.samples is not None,
-        weights=None if linear is None else linear.weights,
+        rho=layout.rho,
+        cos2=layout.cos2,
+        data=layout.data,
+        resample=layout.data is not None and config.samples is not None,
+        weights=layout.weights,
         fit=bool(config.fit),
         lr=lr,
         probe=probe,
