@@ -25,7 +25,6 @@ epoch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,22 +117,38 @@ def schedule(plan: Plan, block: int = 1 << 15) -> Schedule:
 # --- the dropout noise, integrated out per row ------------------------------------------------
 
 
-def _noise_cumulants(dropout: Dropout) -> tuple[float, float, float, float]:
+def noise_cumulants(dropout: Dropout) -> tuple[float, float, float, float]:
     """Mean and cumulants ``k2, k3, k4`` of the scalar noise ``xi`` in ``y = a(x) + b(x) xi``.
 
     Multiplicative kinds: ``xi = m`` (``a = 0``, ``b = x``); alpha dropout: ``xi ~ Bernoulli(q)``,
     ``a = d`` (the dropped value), ``b = A x + B - d``. Written without cancellation.
+
+    Core's :class:`~varshift.core.dropout.Dropout` gives the mean of ``m``, its variance and the
+    scale ``s`` of indicator noise (``m = s a``, ``a ~ Bernoulli(q)``); it has no third or fourth
+    cumulants, and from its raw moments they would cancel catastrophically (``k4 = E m⁴ -
+    4 E m³ E m - 3 (E m²)² + 12 E m² (E m)² - 6 (E m)⁴`` loses every digit at small rates), nor
+    a noise view of alpha dropout. Those are kept here: indicator noise has cumulants
+    ``s^j kappa_j`` with the indicator's ``kappa = (q, q r, q r (1 - 2q), q r (1 - 6 q r))``;
+    gaussian noise ``k3 = k4 = 0``; uout's ``Uniform(-beta, beta)`` ``k3 = 0``,
+    ``k4 = -2 beta⁴/15``. (For indicator noise ``k2 = s² q r`` is core's ``mask_variance()``,
+    ``r/q`` for bernoulli, rounded differently: the engine's numbers keep this rounding.)
     """
-    q, r, kind = dropout.keep, dropout.rate, dropout.kind
-    if kind in ("bernoulli", "vanilla", "alpha"):
-        s = 1.0 / q if kind == "bernoulli" else 1.0
-        mean = 1.0 if kind == "bernoulli" else q
+    q, r = dropout.keep, dropout.rate
+    scale = dropout.indicator_scale if dropout.multiplicative else 1.0
+    if scale is not None:
+        mean = dropout.mask_moments()[0] if dropout.multiplicative else q
         qr = q * r
-        return mean, s**2 * qr, s**3 * qr * (1.0 - 2.0 * q), s**4 * qr * (1.0 - 6.0 * qr)
-    if kind == "gaussian":
-        return 1.0, r / q, 0.0, 0.0
-    b2 = dropout.beta**2
-    return 1.0, b2 / 3.0, 0.0, -2.0 * b2 * b2 / 15.0
+        return (
+            mean,
+            scale**2 * qr,
+            scale**3 * qr * (1.0 - 2.0 * q),
+            scale**4 * qr * (1.0 - 6.0 * qr),
+        )
+    mean, k2 = dropout.mask_moments()[0], dropout.mask_variance()
+    if dropout.kind == "gaussian":
+        return mean, k2, 0.0, 0.0
+    b2 = dropout.beta**2  # uout
+    return mean, k2, 0.0, -2.0 * b2 * b2 / 15.0
 
 
 @dataclass(frozen=True)
@@ -167,7 +182,7 @@ def _moments_from_cumulants(
 
 def _element_affine(dropout: Dropout, x: FloatArray) -> tuple[FloatArray, FloatArray]:
     """``(E[y|x], b(x))`` of one dropout output element ``y = a(x) + b(x) xi``."""
-    xbar = _noise_cumulants(dropout)[0]
+    xbar = noise_cumulants(dropout)[0]
     if dropout.multiplicative:
         return xbar * x, x
     a, b, d = dropout._alpha_affine()
@@ -195,7 +210,7 @@ def _row_moments(
     ``linear`` the single element per row is ``u = sum_i w_i y_i``, whose cumulants are
     ``sum_i w_i^j b_i^j k_j`` (independent masks). ``mu`` is :func:`_element_mean`.
     """
-    _, k2, k3, k4 = _noise_cumulants(plan.dropout)
+    _, k2, k3, k4 = noise_cumulants(plan.dropout)
     g_el, beta = _element_affine(plan.dropout, data)
     n_rows, f, p = data.shape[0], plan.features, plan.positions
     if plan.topology == "linear":
@@ -335,6 +350,14 @@ class Band:
     running_var_sd: FloatArray
 
 
+def _row_sums(plan: Plan, data: FloatArray, weights: FloatArray | None, mu: FloatArray) -> _RowSums:
+    """:class:`_RowMoments` of every dataset row, summed in bounded memory like the run."""
+    acc = _RowSums(plan.features)
+    for start in range(0, plan.rows, plan.chunk_rows):
+        acc.add(_row_moments(plan, data[start : start + plan.chunk_rows], weights, mu))
+    return acc
+
+
 def band(plan: Plan, data: FloatArray, weights: FloatArray | None, sched: Schedule) -> Band:
     """Theory's expectations and noise sds of the running statistics, per feature.
 
@@ -348,9 +371,7 @@ def band(plan: Plan, data: FloatArray, weights: FloatArray | None, sched: Schedu
     """
     big_n, p, preset = plan.rows, plan.positions, plan.preset
     mu = _element_mean(plan, data, weights)
-    acc = _RowSums(plan.features)
-    for start in range(0, big_n, plan.chunk_rows):  # bounded memory, like the simulation
-        acc.add(_row_moments(plan, data[start : start + plan.chunk_rows], weights, mu))
+    acc = _row_sums(plan, data, weights, mu)
     var_g, var_h, var_k, cov_hk = acc.var["g"], acc.var["eq"], acc.var["ed2"], acc.cov
     m_eq, m_ed2, m_ed4 = acc.mean["eq"], acc.mean["ed2"], acc.mean["ed4"]
     var_q = acc.mean["eq2"] - m_eq * m_eq
@@ -364,9 +385,10 @@ def band(plan: Plan, data: FloatArray, weights: FloatArray | None, sched: Schedu
     var_s: dict[int, FloatArray] = {}
     for b, cls in classes:
         n = b * p
-        f2 = stored_over_biased(preset, max(n, 2)) ** 2
+        f = stored_over_biased(preset, max(n, 2))
+        f2 = f**2
         var_mean = (var_g * (big_n - b) * fpc_scale + mean_nc) / (b * p * p)
-        expected_s[cls] = (sigma2 - var_mean) * math.sqrt(f2)
+        expected_s[cls] = (sigma2 - var_mean) * f
         var_s[cls] = f2 * (
             var_q / (p * p * b)
             + (m_ed4 + (2 * b - 3) * m_ed2 * m_ed2) / (p**4 * b**3)
