@@ -214,7 +214,7 @@ def time_one(name: str, repeat: int) -> dict[str, Any]:
 #: Phases of one engine run: (file, function) in cProfile's terms → label. Disjoint calls.
 PHASES = {
     ("sampling.py", "draw_synthetic"): "draw the dataset",
-    ("run.py", "<listcomp>"): "one permutation per epoch (RNG)",
+    ("run.py", "_permute"): "one permutation per epoch (RNG)",
     ("~", "<method 'take' of 'numpy.ndarray' objects>"): "gather the rows (np.take)",
     ("dropout.py", "sample_keep"): "dropout noise: uniforms, keep mask (RNG)",
     ("bn.py", "split_stats"): "batch means and variances",
@@ -230,8 +230,6 @@ def profile_engine(repeat: int = 3) -> dict[str, Any]:
     import pstats
     from pathlib import Path
 
-    import varshift.engine.run
-
     run_engine()
     runs = []
     for _ in range(repeat):
@@ -243,15 +241,10 @@ def profile_engine(repeat: int = 3) -> dict[str, Any]:
         runs.append((time.perf_counter() - start, prof))
     total, prof = min(runs, key=lambda r: r[0])
 
-    # The permutations are the list comprehension on the line that calls rng_perm.permutation.
-    source = Path(varshift.engine.run.__file__).read_text().splitlines()
-    perm_line = next(i + 1 for i, text in enumerate(source) if "streams.perm.permutation(" in text)
     spent = dict.fromkeys(PHASES.values(), 0.0)
     table = pstats.Stats(prof).stats
-    for (file, line, func), (_, _, _, cumtime, _) in table.items():
+    for (file, _line, func), (_, _, _, cumtime, _) in table.items():
         name = Path(file).name if file != "~" else "~"
-        if func == "<listcomp>" and (name, line) != ("run.py", perm_line):
-            continue
         label = PHASES.get((name, func))
         if label is not None:
             spent[label] += cumtime

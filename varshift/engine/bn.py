@@ -69,6 +69,14 @@ def ema_weights(alpha: float, exponents: FloatArray) -> FloatArray:
     return (1.0 - alpha) * np.power(alpha, exponents)
 
 
+@functools.lru_cache(maxsize=8)
+def _chunk_weights(alpha: float, k: int) -> FloatArray:
+    """:func:`ema_weights` of ``k`` updates applied at once (chunks repeat: cached, read-only)."""
+    w = ema_weights(alpha, np.arange(k - 1, -1, -1, dtype=np.float64))
+    w.flags.writeable = False
+    return w
+
+
 def advance(state: BNState, means: FloatArray, stored: FloatArray, preset: Preset) -> BNState:
     """Apply K updates at once: ``R_K = alpha^K R_0 + (1-alpha) sum_k alpha^(K-1-k) s_k``.
 
@@ -84,7 +92,7 @@ def advance(state: BNState, means: FloatArray, stored: FloatArray, preset: Prese
         rv = (t0 * state.running_var + stored.sum(axis=0)) / total
         return BNState(rm, rv, total)
     a = preset.alpha
-    w = ema_weights(a, np.arange(k - 1, -1, -1, dtype=np.float64))
+    w = _chunk_weights(a, k)
     decay = a**k
     rm = decay * state.running_mean + w @ means
     rv = decay * state.running_var + w @ stored

@@ -82,9 +82,19 @@ class _Run:
         self.clean = bn.BNState.initial(plan.features)
         self.fit = AdamFit(plan.features, plan.lr) if plan.fit else None
         self.tracer = Tracer(trace_steps(plan.steps, points), self.state) if points else None
-        self.perm = np.empty((1, plan.rows), dtype=np.int64)
+        self.order = np.arange(plan.rows, dtype=np.int64)
+        self.perm = np.empty((0, plan.rows), dtype=np.int64)
         self.scratch = Scratch()
         self.done = 0
+
+    def _permute(self, epochs: int) -> None:
+        """Fresh row orders of the next ``epochs`` epochs in ``self.perm[:epochs]``: exactly what
+        ``Generator.permutation(rows)`` returns (it shuffles an ``arange``), in a reused buffer."""
+        if self.perm.shape[0] < epochs:
+            self.perm = np.empty((epochs, self.plan.rows), dtype=np.int64)
+        for order in self.perm[:epochs]:
+            order[...] = self.order
+            self.streams.perm.shuffle(order)
 
     def _forward(self, rows: NDArray[np.int64]) -> tuple[FloatArray, FloatArray, FloatArray]:
         """Gather the rows and pass dropout: ``(x, noise, y)``, for inverted dropout with
@@ -108,10 +118,8 @@ class _Run:
         """Train on one chunk of batches: dropout, BN statistics, the running averages."""
         plan, preset, weights = self.plan, self.plan.preset, self.weights
         if spec.r0 == 0:
-            self.perm = np.stack(
-                [self.streams.perm.permutation(plan.rows) for _ in range(spec.n_epochs)]
-            )
-        rows = self.perm[:, spec.r0 : spec.r1]
+            self._permute(spec.n_epochs)
+        rows = self.perm[: spec.n_epochs, spec.r0 : spec.r1]
         x, noise, y = self._forward(rows)
         z = y @ weights.T if weights is not None else y
         sizes = batch_sizes(plan, spec.r0, spec.r1)
@@ -138,8 +146,8 @@ class _Run:
                 Chunk(
                     first_step=self.done,
                     epochs=np.arange(spec.epoch, spec.epoch + spec.n_epochs),
-                    rows=rows,
-                    x=x.copy(),  # the buffers are reused by the next chunk
+                    rows=rows.copy(),
+                    x=x.copy(),  # the buffers (rows too) are reused by the next chunk
                     noise=noise.copy(),
                     bn_input=z.copy(),
                     batch_rows=sizes,
