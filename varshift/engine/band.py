@@ -47,11 +47,29 @@ class Schedule:
     residual: float  # weight of R_0
     w1: tuple[float, float]  # sum of weights of full / last batches
     w2: tuple[float, float]  # sum of squared weights
-    perm: dict[str, float]  # permutation corrections, see _schedule
+    perm: dict[str, float]  # permutation corrections, see schedule()
 
 
-#: Coefficient pairs whose permutation corrections :func:`_band` needs.
+#: Coefficient pairs whose permutation corrections :func:`band` needs.
 _PAIRS = (("m", "m"), ("v", "v"), ("d", "d"), ("v", "d"))
+
+
+def _step_coefficients(
+    plan: Plan, g: NDArray[np.int64], is_last: NDArray[np.bool_]
+) -> tuple[FloatArray, NDArray[np.int64], dict[str, FloatArray]]:
+    """For steps ``g``: weights ``w_t``, rows ``b_t`` and the per-row coefficients ``m, v, d``."""
+    total, preset, p = plan.steps, plan.preset, plan.positions
+    n_full, n_last = plan.batch * p, max(plan.last, 1) * p
+    f_full, f_last = stored_over_biased(preset, n_full), stored_over_biased(preset, max(n_last, 2))
+    if preset.alpha is None:
+        w = np.full(g.shape, 1.0 / total)
+    else:
+        w = ema_weights(preset.alpha, (total - 1 - g).astype(np.float64))
+    rows = np.where(is_last, plan.last, plan.batch)
+    n = rows * p
+    coef = {"m": w / n, "v": w * np.where(is_last, f_last, f_full) / n}
+    coef["d"] = coef["v"] / n
+    return w, rows, coef
 
 
 def schedule(plan: Plan, block: int = 1 << 15) -> Schedule:
@@ -59,15 +77,12 @@ def schedule(plan: Plan, block: int = 1 << 15) -> Schedule:
 
     EMA: ``w_t = (1-alpha) alpha^(T-t)``; cumulative: ``1/T``. For per-row coefficients
     ``m_t = w_t/n_t`` (running mean), ``v_t = w_t f_t/n_t`` and ``d_t = w_t f_t/n_t²`` (running
-    variance, see :func:`_band`) the correction of pair ``(a, b)`` is
+    variance, see :func:`band`) the correction of pair ``(a, b)`` is
     ``sum_t b_t a_t b_t - sum_epochs (sum_{t in epoch} b_t a_t)(sum_{t in epoch} b_t b_t)``
     (``b_t`` rows in batch t). ``block`` steps at a time: its dozen arrays stay near 4 MB
     whatever the number of steps (``bench/``: peak memory at 1000 epochs as at 10).
     """
     total, per_epoch, preset = plan.steps, plan.per_epoch, plan.preset
-    p = plan.positions
-    n_full, n_last = plan.batch * p, max(plan.last, 1) * p
-    f_full, f_last = stored_over_biased(preset, n_full), stored_over_biased(preset, max(n_last, 2))
     w1 = [0.0, 0.0]
     w2 = [0.0, 0.0]
     direct = dict.fromkeys(_PAIRS, 0.0)
@@ -81,16 +96,9 @@ def schedule(plan: Plan, block: int = 1 << 15) -> Schedule:
 
     for start in range(0, total, block):
         g = np.arange(start, min(total, start + block))
-        if preset.alpha is None:
-            w = np.full(g.shape, 1.0 / total)
-        else:
-            w = ema_weights(preset.alpha, (total - 1 - g).astype(np.float64))
         epoch = g // per_epoch
         is_last = (g % per_epoch) == plan.full_batches
-        rows = np.where(is_last, plan.last, plan.batch)
-        n = rows * p
-        coef = {"m": w / n, "v": w * np.where(is_last, f_last, f_full) / n}
-        coef["d"] = coef["v"] / n
+        w, rows, coef = _step_coefficients(plan, g, is_last)
         for cls, mask in enumerate((~is_last, is_last)):
             w1[cls] += float(w[mask].sum())
             w2[cls] += float((w[mask] ** 2).sum())
@@ -205,7 +213,7 @@ def _row_moments(
 ) -> _RowMoments:
     """Exact conditional moments of each row's contribution to a batch's statistics.
 
-    Elements of a row are ``y_p = a_p + b_p xi_p`` (:func:`_noise_cumulants`); they are
+    Elements of a row are ``y_p = a_p + b_p xi_p`` (:func:`noise_cumulants`); they are
     independent given ``x`` except under channel-wise masks, where one ``xi`` is shared. For
     ``linear`` the single element per row is ``u = sum_i w_i y_i``, whose cumulants are
     ``sum_i w_i^j b_i^j k_j`` (independent masks). ``mu`` is :func:`_element_mean`.

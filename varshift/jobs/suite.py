@@ -6,7 +6,7 @@ better``):
 * **closed-form** metrics from :func:`varshift.core.theory.theory_table` (population values for the
   scenario's parameters): deterministic, ``sd = 0``, so ``varshift check`` compares them within
   ``rtol``: a changed formula or preset shows up at once;
-* **Monte-Carlo** metrics from :func:`varshift.engine.simulate`, chosen so that their
+* **Monte-Carlo** metrics from :func:`varshift.engine.simulate.simulate`, chosen so that their
   noise is
   known across seeds: the mean over ``F`` independent BN features of the running-variance and
   running-mean z-scores (``sd = 1/sqrt(F)``: each z is standard normal when the engine and the

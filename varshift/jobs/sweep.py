@@ -241,7 +241,7 @@ class SweepConfig:
     steps:
         ``T``, training updates of the running statistics.
     simulate:
-        Also run the Monte Carlo at every point (:func:`varshift.engine.simulate`).
+        Also run the Monte Carlo at every point (needs :mod:`varshift.engine.simulate`).
     reps:
         ``direct`` topology: independent BN features simulated per point (each with its own
         data and noise); standard errors are their spread over ``sqrt(reps)``. The linear
@@ -584,7 +584,7 @@ class _SimTask:
 def simulate_point(task: _SimTask) -> SimStats:
     """Monte Carlo at one grid point, drawing only from ``task.seed`` (module-level: picklable).
 
-    Runs :func:`varshift.engine.simulate` on synthetic normal inputs of the point's
+    Runs :func:`varshift.engine.simulate.simulate` on synthetic normal inputs of the point's
     mean and variance for ``steps`` updates.
 
     * ``direct``: ``reps`` BN features, each with its own data column and noise, so they are
