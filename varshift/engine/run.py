@@ -104,11 +104,14 @@ class _Run:
         x = scratch.get("x", (*rows.shape, *plan.row_shape))
         np.take(self.data, rows, axis=0, out=x, mode="clip")
         noise = scratch.get("noise", (*rows.shape, *plan.mask_shape))
-        y = scratch.get("y", x.shape)
         if dropout.indicator_scale is not None:
             # Inverted dropout is x·a·s with a the keep indicator: BN sees its statistics from
             # x·a, times s (mean) and s² (variance) per batch, which saves a pass over the chunk.
-            np.multiply(x, dropout.sample_keep(self.streams.noise, noise), out=y)
+            keep = dropout.sample_keep(self.streams.noise, noise)  # fills `noise`
+            if noise.shape == x.shape and self.fit is None and self.observer is None:
+                # No one reads the mask again: x·a overwrites it (one buffer less in cache).
+                return x, noise, np.multiply(x, noise, out=noise)
+            y = np.multiply(x, keep, out=scratch.get("y", x.shape))
         else:
             dropout.sample_noise(noise.shape, self.streams.noise, out=noise)  # fills `noise`
             y = np.asarray(dropout.apply(x, noise))
