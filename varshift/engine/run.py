@@ -98,7 +98,8 @@ class _Run:
 
     def _forward(self, rows: NDArray[np.int64]) -> tuple[FloatArray, FloatArray, FloatArray]:
         """Gather the rows and pass dropout: ``(x, noise, y)``, for inverted dropout with
-        ``noise`` the keep indicator and ``y = x·noise`` not yet scaled by ``1/q``."""
+        ``noise`` the keep indicator and ``y = x·noise`` not yet scaled by ``1/q`` (then,
+        without fit or observer, ``y`` overwrites ``noise``: the two are one buffer)."""
         plan, dropout, scratch = self.plan, self.plan.dropout, self.scratch
         # Indices are valid, so mode="clip" checks nothing; "raise" would buffer the output.
         x = scratch.get("x", (*rows.shape, *plan.row_shape))
