@@ -322,15 +322,11 @@ def _layout(config: SimConfig, topology: str) -> _Layout:
     else:
         shape = _shape_from_data(config, topology, data)
     rows = check_int("samples", shape.rows, 1)
-    if topology != "linear":
-        features = check_int(
-            "features", DEFAULT_FEATURES if shape.features is None else shape.features, 1
-        )
+    unit = _linear_unit(config, shape) if topology == "linear" else None
+    given = shape.features if unit is None else unit.features
+    features = check_int("features", DEFAULT_FEATURES if given is None else given, 1)
+    if unit is None:
         return _Layout(shape.data, rows, features, features, shape.spatial)
-    unit = _linear_unit(config, shape)
-    features = check_int(
-        "features", DEFAULT_FEATURES if unit.features is None else unit.features, 1
-    )
     return _Layout(
         shape.data, rows, features, unit.width, shape.spatial, unit.rho, unit.cos2, unit.weights
     )
