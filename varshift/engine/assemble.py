@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -19,8 +19,7 @@ from varshift.engine.trace import Tracer
 FloatArray = NDArray[np.float64]
 
 
-@dataclass(frozen=True, eq=False)
-class _Measured:
+class _Measured(NamedTuple):
     """Moments of the dataset per BN feature: the dropout input's (``linear``: averaged over the
     unit's inputs, with the full mean vector and covariance) and what BN sees at test time."""
 

@@ -25,7 +25,7 @@ epoch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,8 +40,7 @@ FloatArray = NDArray[np.float64]
 # --- the schedule's weights ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Schedule:
+class Schedule(NamedTuple):
     """Weight sums of the running average over the run's schedule (data-free)."""
 
     residual: float  # weight of R_0
@@ -159,8 +158,7 @@ def noise_cumulants(dropout: Dropout) -> tuple[float, float, float, float]:
     return mean, k2, 0.0, -2.0 * b2 * b2 / 15.0
 
 
-@dataclass(frozen=True)
-class _RowMoments:
+class _RowMoments(NamedTuple):
     """Per dataset row and BN feature, conditional on the row's inputs ``x`` (noise integrated
     out): ``G = E[Y|x]`` with ``Y`` the row's sum of the feature's P BN-input elements, and for
     ``D = Y - P mu`` and ``Q = sum_p (y_p - mu)²``: ``E[Q]``, ``E[Q²]``, ``E[D²]``, ``E[D⁴]``,
@@ -341,8 +339,7 @@ class _RowSums:
 # --- the band ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False)
-class Band:
+class Band(NamedTuple):
     """Theory's expectations and noise sds of a run's statistics, per feature ``(F,)``.
 
     ``mu`` is the population mean of one BN-input element in training; ``batch_var_*`` describe

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -107,8 +108,7 @@ class SimConfig:
     chunk_elements: int = 1 << 18  # cache-sized chunks: faster than 1 << 20 (bench/)
 
 
-@dataclass(frozen=True, eq=False)
-class Plan:
+class Plan(NamedTuple):
     """A validated, fully resolved :class:`SimConfig` (built by :func:`make_plan`)."""
 
     dropout: Dropout
@@ -191,8 +191,7 @@ def _match(name: str, given: int | None, implied: int, source: str) -> int:
     return implied
 
 
-@dataclass(frozen=True)
-class _Shape:
+class _Shape(NamedTuple):
     """The dataset's layout as resolved so far (features and width may still be defaults)."""
 
     data: FloatArray | None
@@ -263,8 +262,7 @@ def _synthetic_shape(config: SimConfig, topology: str) -> _Shape:
     return _Shape(None, rows, config.features, config.width, spatial)
 
 
-@dataclass(frozen=True)
-class _Linear:
+class _Linear(NamedTuple):
     """The ``linear`` topology's resolved unit: explicit weights or target ``cos2``, and ``rho``."""
 
     weights: FloatArray | None
@@ -300,8 +298,7 @@ def _linear_unit(config: SimConfig, shape: _Shape) -> _Linear:
     return _Linear(weights, features, width, cos2, check_rho(config.rho, width))
 
 
-@dataclass(frozen=True)
-class _Layout:
+class _Layout(NamedTuple):
     """The dataset's resolved layout and, for ``linear``, its unit."""
 
     data: FloatArray | None

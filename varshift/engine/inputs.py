@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,8 +37,7 @@ def _draw_relu(
     return np.maximum(_draw_normal(mean, std, shape, rng), 0.0)
 
 
-@dataclass(frozen=True)
-class InputDist:
+class InputDist(NamedTuple):
     """One synthetic input distribution, parametrised by a mean and a standard deviation.
 
     ``moments(mean, var)`` gives the raw moments of one element; ``draw(mean, std, shape, rng)``

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -97,8 +96,7 @@ def draw_weights(plan: Plan, rng: np.random.Generator) -> FloatArray:
 # --- the streamed schedule ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ChunkSpec:
+class ChunkSpec(NamedTuple):
     """Epochs ``[epoch, epoch + n_epochs)`` share rows ``[r0, r1)`` of their permutations."""
 
     epoch: int  # first epoch
