@@ -54,9 +54,9 @@ def steps(epochs: int = EPOCHS) -> int:
 
 
 def classic_config(epochs: int = EPOCHS, *, fit: bool = False) -> Any:
-    """The classic experiment as a :class:`varshift.engine.simulate.SimConfig` (statistics only)."""
+    """The classic experiment as a :class:`varshift.engine.SimConfig` (statistics only)."""
     from varshift.core.presets import resolve_preset
-    from varshift.engine.simulate import SimConfig
+    from varshift.engine import SimConfig
 
     return SimConfig(
         rate=RATE,
@@ -74,7 +74,7 @@ def classic_config(epochs: int = EPOCHS, *, fit: bool = False) -> Any:
 
 def run_engine(epochs: int = EPOCHS, *, fit: bool = False, seed: int = SEED) -> Stats:
     """``varshift.engine.simulate`` on the classic experiment; its final running statistics."""
-    from varshift.engine.simulate import simulate
+    from varshift.engine import simulate
 
     res = simulate(classic_config(epochs, fit=fit), rng=seed)
     return {
@@ -155,7 +155,7 @@ def floor_draws(epochs: int = EPOCHS, seed: int = SEED) -> Stats:
 
 def engine_consumption(epochs: int = EPOCHS) -> dict[str, int]:
     """What the engine actually draws for the classic run, counted with ``observer=``."""
-    from varshift.engine.simulate import Chunk, simulate
+    from varshift.engine import Chunk, simulate
 
     seen = {"noise_elements": 0, "epochs": 0}
 
@@ -213,13 +213,13 @@ def time_one(name: str, repeat: int) -> dict[str, Any]:
 
 #: Phases of one engine run: (file, function) in cProfile's terms → label. Disjoint calls.
 PHASES = {
-    ("simulate.py", "_draw_dataset"): "draw the dataset",
-    ("simulate.py", "<listcomp>"): "one permutation per epoch (RNG)",
+    ("sampling.py", "draw_synthetic"): "draw the dataset",
+    ("run.py", "_permute"): "one permutation per epoch (RNG)",
     ("~", "<method 'take' of 'numpy.ndarray' objects>"): "gather the rows (np.take)",
-    ("noise.py", "sample_keep"): "dropout noise: uniforms, keep mask (RNG)",
-    ("simulate.py", "_split_stats"): "batch means and variances",
-    ("simulate.py", "_advance"): "EMA updates",
-    ("simulate.py", "_assemble"): "theory band from the dataset, result",
+    ("dropout.py", "sample_keep"): "dropout noise: uniforms, keep mask (RNG)",
+    ("bn.py", "split_stats"): "batch means and variances",
+    ("bn.py", "advance"): "EMA updates",
+    ("assemble.py", "assemble"): "theory band from the dataset, result",
 }
 
 
@@ -229,8 +229,6 @@ def profile_engine(repeat: int = 3) -> dict[str, Any]:
     import cProfile
     import pstats
     from pathlib import Path
-
-    import varshift.engine.simulate
 
     run_engine()
     runs = []
@@ -243,15 +241,10 @@ def profile_engine(repeat: int = 3) -> dict[str, Any]:
         runs.append((time.perf_counter() - start, prof))
     total, prof = min(runs, key=lambda r: r[0])
 
-    # The permutations are the list comprehension on the line that calls rng_perm.permutation.
-    source = Path(varshift.engine.simulate.__file__).read_text().splitlines()
-    perm_line = next(i + 1 for i, text in enumerate(source) if "rng_perm.permutation(" in text)
     spent = dict.fromkeys(PHASES.values(), 0.0)
     table = pstats.Stats(prof).stats
-    for (file, line, func), (_, _, _, cumtime, _) in table.items():
+    for (file, _line, func), (_, _, _, cumtime, _) in table.items():
         name = Path(file).name if file != "~" else "~"
-        if func == "<listcomp>" and (name, line) != ("simulate.py", perm_line):
-            continue
         label = PHASES.get((name, func))
         if label is not None:
             spent[label] += cumtime
@@ -269,7 +262,7 @@ def memory_one(epochs: int, mode: str) -> dict[str, Any]:
     buffers to tracemalloc), excluding the interpreter and imported modules.
     ``baseline``: imports only, for the RSS every run starts from.
     """
-    import varshift.engine.simulate  # noqa: F401  (the imports a run pays for, in every mode)
+    import varshift.engine  # noqa: F401  (the imports a run pays for, in every mode)
 
     out: dict[str, Any] = {"epochs": epochs, "mode": mode, "steps": steps(epochs)}
     if mode == "baseline":

@@ -552,7 +552,7 @@ def main() -> int:
 
 
 METHOD = [
-    "- **Engine**: `varshift.engine.simulate.simulate(SimConfig(...), rng=seed)`, statistics only "
+    "- **Engine**: `varshift.engine.simulate(SimConfig(...), rng=seed)`, statistics only "
     "(`fit=False`, no trace, no observer): validation, dataset draw, the streamed simulation and "
     "theory's noise band — everything the call does.",
     "- **(a) NumPy loop**: the code a user would write: one `rng.permutation` per epoch, then "

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from varshift.cli import app
 from varshift.core.errors import ValidationError
 from varshift.core.presets import Preset, resolve_preset
-from varshift.engine.simulate import Chunk, SimConfig, simulate
+from varshift.engine import Chunk, SimConfig, simulate
 from varshift.formats import read_stats
 
 runner = CliRunner()

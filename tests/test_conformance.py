@@ -16,7 +16,7 @@ import pytest
 
 from varshift.core.dropout import Dropout
 from varshift.core.presets import Preset, resolve_preset
-from varshift.engine.simulate import Chunk, SimConfig, SimResult, bn_running_stats, simulate
+from varshift.engine import Chunk, SimConfig, SimResult, bn_running_stats, simulate
 
 EPS64 = float(np.finfo(np.float64).eps)
 EPS32 = float(np.finfo(np.float32).eps)

@@ -1,4 +1,4 @@
-"""Tests of :mod:`varshift.engine.simulate` (and the small noise.py fix it needed).
+"""Tests of :mod:`varshift.engine` (and the small noise.py fix it needed).
 
 Expected values come from independent few-line oracles written here (a per-batch NumPy loop
 over the very inputs and masks the engine used, closed forms written as arithmetic), never
@@ -20,7 +20,7 @@ from varshift.core.dropout import Dropout, InputMoments
 from varshift.core.errors import InputFileError, ValidationError
 from varshift.core.presets import Preset, resolve_preset
 from varshift.core.theory import running_stats
-from varshift.engine.simulate import (
+from varshift.engine import (
     BNState,
     Chunk,
     SimConfig,
@@ -52,7 +52,7 @@ def test_relu_normal_moments_without_scipy_stats(mu: float, var: float) -> None:
 
 def test_importing_the_numerics_does_not_import_scipy_stats() -> None:
     code = (
-        "import sys, varshift.core.dropout, varshift.core.theory, varshift.engine.simulate\n"
+        "import sys, varshift.core.dropout, varshift.core.theory, varshift.engine\n"
         "assert 'scipy.stats' not in sys.modules, 'scipy.stats imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from varshift.cli import app
 from varshift.core import dropout as noise
 from varshift.core import presets as conventions
-from varshift.engine import simulate
+from varshift.engine import bn
 from varshift.jobs.check import compare, metrics_from_rows
 from varshift.jobs.suite import COLUMNS, run_suite, scenarios, suite_metadata
 from varshift.present.report import to_frame, to_json
@@ -141,12 +141,12 @@ def test_a_simulation_regression_is_caught(
 ) -> None:
     # The engine forgets the biased-variance convention (stores n/(n-1) too much for Keras/Flax)
     # while theory is unchanged: only the Monte-Carlo metrics can see it.
-    advance = simulate._advance
+    advance = bn.advance
 
     def wrong(state, means, stored, preset):  # type: ignore[no-untyped-def]
         return advance(state, means, stored * 1.1 if not preset.unbiased else stored, preset)
 
-    monkeypatch.setattr(simulate, "_advance", wrong)
+    monkeypatch.setattr(bn, "advance", wrong)
     current = save(list(run_suite(0, quick=True, only=SUBSET)), tmp_path / "c.json")
     _assert_caught(baseline, current, tmp_path, "framework-flax/sim.z_running_var")
 

@@ -190,7 +190,6 @@ def _sim_config(**kw: object) -> SweepConfig:
 
 
 def test_simulated_sweep_is_the_same_for_one_and_two_workers() -> None:
-    pytest.importorskip("varshift.engine.simulate")
     config = _sim_config(means=(0.0, 2.0), frameworks=("torch", "keras"))
     one = sweep(config, rng=5)
     two = sweep(SweepConfig(**{**config.__dict__, "workers": 2}), rng=5)
@@ -202,7 +201,6 @@ def test_simulated_sweep_is_the_same_for_one_and_two_workers() -> None:
 
 @pytest.mark.parametrize("topology", ["direct", "linear"])
 def test_simulated_values_agree_with_the_closed_form_within_noise(topology: str) -> None:
-    pytest.importorskip("varshift.engine.simulate")
     extra: dict[str, object] = {}
     if topology == "linear":
         extra = {"topology": "linear", "Ds": (1.0, 16.0), "rhos": (0.2,)}
@@ -218,7 +216,6 @@ def test_simulated_values_agree_with_the_closed_form_within_noise(topology: str)
 
 
 def test_simulate_from_the_command_line_with_figures(tmp_path: Path) -> None:
-    pytest.importorskip("varshift.engine.simulate")
     pytest.importorskip("matplotlib")
     figs, page = tmp_path / "figs", tmp_path / "sweep.html"
     args = ["--rate", "0.2,0.6", "--simulate", "--reps", "16", "--steps", "100", "--seed", "3"]
@@ -232,14 +229,6 @@ def test_simulate_from_the_command_line_with_figures(tmp_path: Path) -> None:
     assert page.read_text().count("<svg") == 2
     code, _, err = run(*args[:-4], "--steps", "0")
     assert code == 2 and "steps must be an integer >= 1; got 0" in err
-
-
-def test_simulate_without_the_engine_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "varshift.engine.simulate", None)
-    code, _, err = run("--rate", "0.5", "--simulate")
-    assert code == 2
-    assert err.startswith("varshift: error: --simulate is not available yet")
-    assert err.count("\n") == 1
 
 
 # --- the command line -------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from varshift.cli._outputs import Drawn, flat_headers, inline, preflight, save_a
 from varshift.core.errors import OutputFileError, ValidationError
 from varshift.core.files import atomic_write
 from varshift.core.presets import Preset, resolve_preset
-from varshift.engine.simulate import SimConfig, SimResult, load_activations
-from varshift.engine.simulate import simulate as run_simulation
+from varshift.engine import SimConfig, SimResult, load_activations
+from varshift.engine import simulate as run_simulation
 from varshift.present.render import frame_table, progress_bar, stderr_console, stdout_console
 from varshift.present.report import render_text, to_frame, write_report
 

@@ -143,7 +143,7 @@ def _closed_form(s: Scenario, steps: int) -> list[MetricRow]:
 
 
 def _simulated(s: Scenario, rng: np.random.Generator) -> list[MetricRow]:
-    from varshift.engine.simulate import SimConfig, simulate
+    from varshift.engine import SimConfig, simulate
 
     config = SimConfig(
         rate=s.rate,

@@ -20,7 +20,6 @@ whether it runs in one process or in ``workers`` processes.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 import multiprocessing
@@ -32,8 +31,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from varshift import engine
 from varshift.core.dropout import DROPOUT_KINDS, Dropout
-from varshift.core.errors import MissingDependencyError, ValidationError
+from varshift.core.errors import ValidationError
 from varshift.core.presets import FRAMEWORKS, Preset, resolve_preset
 from varshift.core.theory import TheoryConfig, check_rho, shift_direct, theory_table
 from varshift.core.validate import check_choice, check_finite, check_int, check_range
@@ -569,20 +569,6 @@ def map_points(
     return results
 
 
-def _simulate_engine() -> Any:
-    """The Monte Carlo engine, or a clear error while it is not part of varshift."""
-    try:
-        simulate = importlib.import_module("varshift.engine.simulate")
-    except ModuleNotFoundError as exc:
-        if exc.name != "varshift.engine.simulate":
-            raise
-        raise MissingDependencyError(
-            "--simulate is not available yet: the Monte Carlo engine (varshift.engine.simulate) is "
-            "not part of this version; run the sweep without --simulate for the closed forms"
-        ) from None
-    return simulate
-
-
 @dataclass(frozen=True)
 class _SimTask:
     """Everything one worker needs for one grid point: picklable, seeded per point."""
@@ -608,7 +594,6 @@ def simulate_point(task: _SimTask) -> SimStats:
       errors are the engine's noise band of the running variance combined with the sampling
       noise of the finite dataset (``Var[s²] ≈ 2 var²/(N-1)``, exact for normal outputs).
     """
-    engine = _simulate_engine()
     p = task.point
     linear = p.topology == "linear"
     config = engine.SimConfig(
@@ -685,8 +670,6 @@ def sweep(
     ValidationError
         For an invalid axis value, or a grid larger than ``config.max_points`` without
         ``config.force``.
-    MissingDependencyError
-        For ``simulate=True`` while :mod:`varshift.engine.simulate` is not available.
 
     Examples
     --------
@@ -708,7 +691,6 @@ def sweep(
     varying = _varying_axes(config)
     if not config.simulate:
         return SweepResult(config, tuple(rows), None, varying)
-    _simulate_engine()
     root = _seed_sequence(rng)
     entropy = root.entropy
     assert isinstance(entropy, int)
