@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from varshift.cli._common import app, handle_errors
+from varshift.cli._common import app
 from varshift.jobs.suite import run_suite, scenarios, suite_metadata
-from varshift.present.render import progress_bar
-from varshift.present.report import to_frame, write_report
+from varshift.present.render import message, progress_bar
+from varshift.present.report import to_table, write_report
 
 EPILOG = """\
 Examples:
@@ -26,7 +26,6 @@ Examples:
 
 
 @app.command(epilog=EPILOG)
-@handle_errors
 def suite(
     report_dir: Annotated[
         Path, typer.Option("--report-dir", help="Folder for the report files.")
@@ -53,13 +52,12 @@ def suite(
     with progress_bar("suite", total, quiet=quiet) as update:
         rows = run_suite(seed, quick=quick, progress=update)
     paths = write_report(
-        to_frame(rows),
+        to_table(rows),
         report_dir,
         stem,
         suite_metadata(seed, quick),
         title=f"varshift report suite (seed {seed})",
         force=force,
     )
-    if not quiet:
-        for p in paths:
-            typer.echo(f"wrote {p}", err=True)
+    for p in paths:
+        message(f"wrote {p}", quiet)

@@ -25,7 +25,7 @@ import itertools
 import math
 import multiprocessing
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, TypeVar
@@ -37,6 +37,7 @@ from varshift.core.errors import MissingDependencyError, ValidationError
 from varshift.core.presets import FRAMEWORKS, Preset, resolve_preset
 from varshift.core.theory import TheoryConfig, check_rho, shift_direct, theory_table
 from varshift.core.validate import check_choice, check_finite, check_int, check_range
+from varshift.jobs._meta import run_metadata
 
 #: Grids with more points than this need ``force=True`` (``--force``).
 MAX_POINTS = 10_000
@@ -395,12 +396,29 @@ class SweepResult:
     seed_entropy:
         The root entropy of the per-point random streams (``None`` without ``simulate``);
         passing it back as ``rng`` reproduces the run.
+    varying:
+        The axes with more than one value.
+    metadata:
+        Run metadata (set by :func:`run_sweep`).
     """
 
     config: SweepConfig
     rows: tuple[SweepRow, ...]
     seed_entropy: int | None = None
     varying: tuple[str, ...] = field(default=())
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def direct_ratios(
+        self, dropout: str, mean: float, var: float
+    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Case (a) — dropout directly before BN — at every rate of the sweep, sorted.
+
+        The contrast of a linear sweep's figures: what any width gives at ``rho = 0``.
+        Returns the rates and the shift ratios ``Delta``.
+        """
+        rates = tuple(sorted(self.config.rates))
+        drops = [Dropout(dropout, r, self.config.beta) for r in rates]
+        return rates, tuple(shift_direct(mean, var, d).ratio for d in drops)
 
     def records(self) -> list[dict[str, Any]]:
         """Rows as dicts in column order; the ``sim_*``/``z_*`` columns only when simulated."""
@@ -738,96 +756,97 @@ def _varying_axes(config: SweepConfig) -> tuple[str, ...]:
     return tuple(name for name, values in axes if len(values) > 1)
 
 
-# --- plot-ready data (no matplotlib here) -----------------------------------------------------
+# --- the job --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RateCurve:
-    """One curve of a shift-ratio-against-rate panel; ``sim``/``sim_se`` are optional points."""
-
-    label: str
-    rates: tuple[float, ...]
-    ratio: tuple[float, ...]
-    sim: tuple[float, ...] | None = None
-    sim_se: tuple[float, ...] | None = None
-
-
-@dataclass(frozen=True)
-class RatePanel:
-    """One panel: curves (one per width/D) and the case-(a) curve for contrast."""
-
-    title: str
-    curves: tuple[RateCurve, ...]
-    contrast: RateCurve | None = None
-
-
-@dataclass(frozen=True)
-class RateFigure:
-    """The panels of one shift-ratio figure; ``key`` tells it apart in a file name."""
-
-    key: str
-    title: str
-    panels: tuple[RatePanel, ...]
+def sweep_parameters(config: SweepConfig) -> dict[str, object]:
+    """The parameters block of the run metadata (no worker count: it changes nothing)."""
+    return {
+        "rates": list(config.rates),
+        "dropouts": list(config.dropouts),
+        "frameworks": list(config.frameworks),
+        "batch_sizes": list(config.batch_sizes),
+        "means": list(config.means),
+        "variances": list(config.variances),
+        "topology": config.topology,
+        "rhos": list(config.rhos),
+        "widths": list(config.widths),
+        "Ds": list(config.Ds),
+        "cos2": config.cos2,
+        "beta": config.beta,
+        "momentum": config.momentum,
+        "steps": config.steps,
+        "simulate": config.simulate,
+        "reps": config.reps if config.simulate else None,
+    }
 
 
-def _num(x: float) -> str:
-    return f"{x:g}"
+def run_sweep(
+    config: SweepConfig, seed: int | None = None, progress: Progress | None = None
+) -> SweepResult:
+    """:func:`sweep` with the run metadata (parameters, seed, seed entropy, point count).
 
-
-def rate_figures(result: SweepResult) -> list[RateFigure]:
-    """Group a sweep's rows into shift-ratio-against-rate figures.
-
-    One figure per (dropout, mean, var); one panel per ``rho``; one curve per (width, D). The
-    closed-form ratio does not depend on the framework or batch size, so only the first of each
-    is drawn. Each linear panel also carries case (a) — dropout directly before BN, which is
-    what any width gives at ``rho = 0`` — for contrast. Empty when fewer than two rates.
+    Examples
+    --------
+    >>> res = run_sweep(SweepConfig(rates=(0.2, 0.5)))
+    >>> res.metadata["command"], res.metadata["points"]
+    ('sweep', 2)
     """
-    config = result.config
-    if len(config.rates) < 2:
-        return []
-    fw, n = config.frameworks[0], config.batch_sizes[0]
-    rows = [r for r in result.rows if r.framework == fw and r.batch_size == n]
-    groups: dict[tuple[str, float, float], list[SweepRow]] = {}
-    for r in rows:
-        groups.setdefault((r.dropout, r.mean, r.var), []).append(r)
-    figures = []
-    for (drop, c, v), members in groups.items():
-        panels = []
-        by_rho: dict[float, list[SweepRow]] = {}
-        for r in members:
-            by_rho.setdefault(r.rho, []).append(r)
-        for rho, prow in by_rho.items():
-            curves = []
-            by_unit: dict[tuple[int, float], list[SweepRow]] = {}
-            for r in prow:
-                by_unit.setdefault((r.width, r.D), []).append(r)
-            for (width, d_eff), crow in by_unit.items():
-                crow = sorted(crow, key=lambda r: r.rate)
-                if config.topology == "direct":
-                    label = "dropout → BN"
-                elif config.widths and config.Ds:
-                    label = f"d = {width}, D = {_num(d_eff)}"
-                else:
-                    label = f"D = {_num(d_eff)}"
-                curves.append(
-                    RateCurve(
-                        label,
-                        tuple(r.rate for r in crow),
-                        tuple(r.shift_ratio for r in crow),
-                    )
-                )
-            contrast = None
-            if config.topology == "linear":
-                rates = tuple(sorted(config.rates))
-                drops = [Dropout(drop, r, config.beta) for r in rates]
-                contrast = RateCurve(
-                    "case (a): ρ = 0 at any D",
-                    rates,
-                    tuple(shift_direct(c, v, d).ratio for d in drops),
-                )
-            title = f"ρ = {_num(rho)}" if config.topology == "linear" else "dropout → BN"
-            panels.append(RatePanel(title, tuple(curves), contrast))
-        title = f"{drop} dropout, input mean {_num(c)}, variance {_num(v)}"
-        key = "" if len(groups) == 1 else f"{drop}_mean{_num(c)}_var{_num(v)}"
-        figures.append(RateFigure(key, title, tuple(panels)))
-    return figures
+    result = sweep(config, rng=seed, progress=progress)
+    meta = run_metadata(
+        "sweep",
+        sweep_parameters(config),
+        seed=seed,
+        seed_entropy=result.seed_entropy,
+        points=len(result.rows),
+    )
+    return replace(result, metadata=meta)
+
+
+def axes_config(
+    *,
+    rate: Sequence[str] | None = None,
+    dropout: Sequence[str] | None = None,
+    framework: Sequence[str] | None = None,
+    batch_size: Sequence[str] | None = None,
+    mean: Sequence[str] | None = None,
+    var: Sequence[str] | None = None,
+    std: Sequence[str] | None = None,
+    topology: str | None = None,
+    width: Sequence[str] | None = None,
+    D: Sequence[str] | None = None,
+    rho: Sequence[str] | None = None,
+    **settings: Any,
+) -> SweepConfig:
+    """A :class:`SweepConfig` from axis texts as the command line takes them (``--rate``...).
+
+    ``std`` replaces ``var`` (variances ``std²``); the topology defaults to ``linear`` when a
+    width, ``D`` or ``rho`` axis is given; ``settings`` are the other fields of the config.
+    """
+    if std is not None and var is not None:
+        raise ValidationError("give either --var or --std, not both")
+    if std is not None:
+        variances = tuple(check_range("--std", s, 0.0, None) ** 2 for s in parse_axis("--std", std))
+    else:
+        variances = parse_axis("--var", var or ["1"])
+    linear_axes = width is not None or D is not None or rho is not None
+    topo = topology if topology is not None else ("linear" if linear_axes else "direct")
+    if topo not in ("direct", "linear"):
+        raise ValidationError(f"--topology must be one of direct, linear; got {topology!r}")
+    if topo == "direct" and linear_axes:
+        raise ValidationError("--width, --D and --rho need --topology linear; got direct")
+    return SweepConfig(
+        rates=parse_axis("--rate", rate or ["0.1:0.9:0.1"]),
+        dropouts=parse_choices("--dropout", dropout or ["bernoulli"], DROPOUT_KINDS),
+        frameworks=parse_choices("--framework", framework or ["torch"], FRAMEWORKS),
+        batch_sizes=tuple(
+            int(b) for b in parse_axis("--batch-size", batch_size or ["32"], integer=True)
+        ),
+        means=parse_axis("--mean", mean or ["0"]),
+        variances=variances,
+        topology=topo,
+        rhos=parse_axis("--rho", rho or ["0"]),
+        widths=tuple(int(w) for w in parse_axis("--width", width, integer=True)) if width else (),
+        Ds=parse_axis("--D", D) if D else (),
+        **settings,
+    )
