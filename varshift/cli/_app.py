@@ -15,6 +15,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from varshift.cli import _fast
 from varshift.core.errors import RegressionFound, VarshiftError
 
 #: Command name → module that defines it, in the order ``--help`` lists them.
@@ -35,11 +36,13 @@ def _load(name: str) -> Any:
     for info in app.registered_commands:
         callback = info.callback
         if callback is not None and (info.name or callback.__name__) == name:
-            return typer.main.get_command_from_info(
+            command = typer.main.get_command_from_info(
                 info,
                 pretty_exceptions_short=app.pretty_exceptions_short,
                 rich_markup_mode=app.rich_markup_mode,
             )
+            _fast.install(command)
+            return command
     raise KeyError(name)  # pragma: no cover - COMMANDS names a module without the command
 
 
@@ -76,6 +79,7 @@ class LazyGroup(TyperGroup):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commands = _Commands(self.commands)
+        _fast.install(self)
 
     def list_commands(self, ctx: Any) -> list[str]:
         """Every command name, in :data:`COMMANDS` order, without loading any."""
