@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import TypeAdapter
 
 from varshift.cli._fast import _Fallback, converter
+
+TypeAdapter = pytest.importorskip("pydantic").TypeAdapter
 
 
 class Kind(StrEnum):
