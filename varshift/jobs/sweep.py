@@ -7,200 +7,61 @@ then what :func:`varshift.core.theory.theory_table` computes there (train and te
 ratio ``Delta``, the expected stored running variance and its noise), then, with
 ``simulate=True``, the Monte Carlo estimates and their z-scores.
 
-Axes are written as comma lists and inclusive ranges (:func:`parse_axis`)::
-
-    0.1:0.9:0.1     0.1, 0.2, ..., 0.9 (stop included within float tolerance)
-    1:64:x2         1, 2, 4, ..., 64 (geometric)
-    1,4,16,64       a list; items may themselves be ranges
-
-Reproducibility of the Monte Carlo: point ``i`` draws from its own stream,
-``np.random.SeedSequence(entropy).spawn(n_points)[i]``, so a sweep gives the same numbers
-whether it runs in one process or in ``workers`` processes.
+Axes are written as comma lists and inclusive ranges (:mod:`varshift.jobs.axes`); the Monte
+Carlo per point, reproducible whatever the number of processes, is in
+:mod:`varshift.jobs.sweep_points`.
 """
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
-import multiprocessing
-import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from varshift.core.dropout import DROPOUT_KINDS, Dropout
-from varshift.core.errors import MissingDependencyError, ValidationError
+from varshift.core.errors import ValidationError
 from varshift.core.presets import FRAMEWORKS, Preset, resolve_preset
 from varshift.core.theory import TheoryConfig, check_rho, shift_direct, theory_table
 from varshift.core.validate import check_choice, check_finite, check_int, check_range
 from varshift.jobs._meta import run_metadata
+from varshift.jobs.axes import MAX_AXIS_VALUES, clean_number, parse_axis, parse_choices
+from varshift.jobs.sweep_points import (
+    GridPoint,
+    Progress,
+    SimStats,
+    _ratio,
+    _seed_sequence,
+    _SimTask,
+    _simulate_engine,
+    map_points,
+    simulate_point,
+)
 
 #: Grids with more points than this need ``force=True`` (``--force``).
 MAX_POINTS = 10_000
 
-#: No single axis may expand to more values than this, forced or not.
-MAX_AXIS_VALUES = 1_000_000
-
-#: Progress callback: ``callback(done, total)``.
-Progress = Callable[[int, int], None]
-
-T = TypeVar("T")
-U = TypeVar("U")
-
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::([xX*]?)({_NUMBER}))?$")
-
-
-# --- axis parsing ---------------------------------------------------------------------------
-
-
-def _clean(x: float) -> float:
-    """Drop the float noise of ``a + i*step`` (``0.30000000000000004`` → ``0.3``)."""
-    return float(f"{x:.12g}")
-
-
-def _parse_number(name: str, text: str, spec: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValidationError(
-            f"{name} must be numbers, comma lists or ranges start:stop:step; got {spec!r}"
-        ) from None
-    if not math.isfinite(value):
-        raise ValidationError(f"{name} must be finite; got {spec!r}")
-    return value
-
-
-def _expand_range(name: str, item: str, max_values: int) -> list[float]:
-    """Values of one ``start:stop[:step]`` or ``start:stop:xfactor`` item, stop included."""
-    m = _RANGE.match(item)
-    if m is None:
-        raise ValidationError(
-            f"{name} range must be start:stop:step or start:stop:xfactor; got {item!r}"
-        )
-    start, stop = float(m.group(1)), float(m.group(2))
-    geometric = bool(m.group(3))
-    step = float(m.group(4)) if m.group(4) is not None else 1.0
-    if not all(math.isfinite(x) for x in (start, stop, step)):
-        raise ValidationError(f"{name} range must have finite bounds and step; got {item!r}")
-    if geometric:
-        if start <= 0 or stop <= 0 or step <= 0 or step == 1:
-            raise ValidationError(
-                f"{name} range {item!r} is empty: a geometric range needs start, stop > 0 and "
-                "a factor > 0 other than 1"
-            )
-        ratio = math.log(stop / start) / math.log(step)
-        count = math.floor(ratio + 1e-9) + 1
-        if ratio < -1e-9:
-            count = 0
-    else:
-        if step == 0:
-            raise ValidationError(f"{name} range {item!r} is empty: the step must not be 0")
-        ratio = (stop - start) / step
-        count = math.floor(ratio + 1e-9) + 1 if ratio > -1e-9 else 0
-    if count <= 0:
-        direction = "start > stop with a positive step" if step > 0 else "start < stop"
-        if geometric:
-            direction = "the factor moves away from stop"
-        raise ValidationError(f"{name} range {item!r} is empty: {direction}")
-    if count > max_values:
-        raise ValidationError(
-            f"{name} range {item!r} has {count} values; at most {max_values} per axis"
-        )
-    out = [_clean(start * step**i if geometric else start + i * step) for i in range(count)]
-    # The stop value, reached within float tolerance, is written exactly as given.
-    if abs(out[-1] - stop) <= 1e-9 * max(1.0, abs(stop)):
-        out[-1] = stop
-    return out
-
-
-def parse_axis(
-    name: str,
-    specs: str | Iterable[str],
-    *,
-    integer: bool = False,
-    max_values: int = MAX_AXIS_VALUES,
-) -> tuple[float, ...]:
-    """Expand comma lists and inclusive ranges into the values of one grid axis.
-
-    Parameters
-    ----------
-    name:
-        How the axis is named in error messages (the CLI passes ``--rate``, ...).
-    specs:
-        One string or several (a repeated option); each is a comma list whose items are
-        numbers, arithmetic ranges ``start:stop:step`` (``start:stop`` means step 1) or
-        geometric ranges ``start:stop:xfactor``. ``stop`` is included when the step reaches it
-        within a relative tolerance of 1e-9.
-    integer:
-        Require integer values (widths, batch sizes); they are returned as floats all the same.
-    max_values:
-        Refuse an axis that expands to more values than this.
-
-    Returns
-    -------
-    tuple of float
-        The values in the order given, without repeats.
-
-    Raises
-    ------
-    ValidationError
-        For an empty range (``0.5:0.1:0.1``, a step of 0), a malformed item or a non-integer
-        value where an integer is required.
-
-    Examples
-    --------
-    >>> parse_axis("--rate", "0.1:0.5:0.1")
-    (0.1, 0.2, 0.3, 0.4, 0.5)
-    >>> parse_axis("--D", ["1,4", "16:64:x4"])
-    (1.0, 4.0, 16.0, 64.0)
-    """
-    texts = [specs] if isinstance(specs, str) else list(specs)
-    if not texts:
-        raise ValidationError(f"{name} must have at least one value; got none")
-    seen: dict[float, None] = {}
-    for spec in texts:
-        for raw in spec.split(","):
-            item = raw.strip()
-            if not item:
-                raise ValidationError(f"{name} has an empty item; got {spec!r}")
-            if ":" in item:
-                values = _expand_range(name, item, max_values)
-            else:
-                values = [_parse_number(name, item, spec)]
-            for v in values:
-                if integer and v != round(v):
-                    raise ValidationError(f"{name} must be integers; got {v:g} in {spec!r}")
-                seen.setdefault(float(round(v)) if integer else v, None)
-            if len(seen) > max_values:
-                raise ValidationError(f"{name} has more than {max_values} values")
-    return tuple(seen)
-
-
-def parse_choices(name: str, specs: str | Iterable[str], choices: Sequence[str]) -> tuple[str, ...]:
-    """Expand a comma list of names (``all`` means every choice), validated and without repeats.
-
-    Examples
-    --------
-    >>> parse_choices("--framework", "torch,keras", ("torch", "keras", "flax"))
-    ('torch', 'keras')
-    """
-    texts = [specs] if isinstance(specs, str) else list(specs)
-    seen: dict[str, None] = {}
-    for spec in texts:
-        for raw in spec.split(","):
-            item = raw.strip()
-            if item.lower() == "all":
-                seen.update(dict.fromkeys(choices))
-                continue
-            seen.setdefault(check_choice(name, item, choices), None)
-    if not seen:
-        raise ValidationError(f"{name} must have at least one value; got none")
-    return tuple(seen)
+__all__ = [
+    "MAX_AXIS_VALUES",
+    "MAX_POINTS",
+    "GridPoint",
+    "SimStats",
+    "SweepConfig",
+    "SweepResult",
+    "SweepRow",
+    "axes_config",
+    "grid_points",
+    "map_points",
+    "parse_axis",
+    "parse_choices",
+    "run_sweep",
+    "simulate_point",
+    "sweep",
+    "sweep_parameters",
+]
 
 
 # --- configuration and results --------------------------------------------------------------
@@ -294,50 +155,6 @@ class SweepConfig:
             self.Ds or (None,),
             self.rates,
         )
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """The coordinates of one grid point; ``index`` is its position in the product."""
-
-    index: int
-    dropout: str
-    framework: str
-    batch_size: int
-    mean: float
-    var: float
-    topology: str
-    rho: float
-    width: int
-    D: float
-    rate: float
-
-
-@dataclass(frozen=True)
-class SimStats:
-    """Monte Carlo estimates at one grid point, each with its standard error (``*_se``).
-
-    The simulation runs ``reps`` independent BN features (each its own dataset column and
-    noise) for ``steps`` updates; estimates are means over features and standard errors their
-    spread over features divided by ``sqrt(reps)``.
-
-    Attributes
-    ----------
-    test_var:
-        The population variance BN sees at test time (dropout off), measured on the data.
-    running_var:
-        The stored running variance after ``steps`` updates (the preset's stored convention).
-    shift_ratio:
-        ``test_var / running_var`` (ratio of the means): the real variance over the recorded
-        one, what the layer experiences at test time; its standard error by the delta method.
-    """
-
-    test_var: float
-    test_var_se: float
-    running_var: float
-    running_var_se: float
-    shift_ratio: float
-    shift_ratio_se: float
 
 
 @dataclass(frozen=True)
@@ -502,7 +319,7 @@ def grid_points(config: SweepConfig) -> Iterator[GridPoint]:
             width, d_eff = 1, 1.0
         elif d is None:
             width = w if w is not None else 1
-            d_eff = _clean(width * config.cos2)
+            d_eff = clean_number(width * config.cos2)
         else:
             width = w if w is not None else max(1, math.ceil(d - 1e-9))
             d_eff = d
@@ -540,128 +357,6 @@ def _closed_form(point: GridPoint, preset: Preset, config: SweepConfig) -> Sweep
         running_var_sd=t.running_var_sd,
         recorded_ratio=_ratio(t.test_var, t.running_var),
     )
-
-
-def _ratio(num: float, den: float) -> float:
-    if den == 0.0:
-        return math.nan if num == 0.0 else math.inf
-    return num / den
-
-
-def _seed_sequence(rng: np.random.Generator | int | None) -> np.random.SeedSequence:
-    """The root of the per-point streams: from an int seed, fresh entropy, or drawn from ``rng``."""
-    if isinstance(rng, np.random.Generator):
-        return np.random.SeedSequence(int(rng.integers(0, 2**63)))
-    return np.random.SeedSequence(rng)
-
-
-def map_points(
-    fn: Callable[[T], U],
-    tasks: Sequence[T],
-    *,
-    workers: int = 1,
-    progress: Progress | None = None,
-) -> list[U]:
-    """``[fn(t) for t in tasks]``, in order, over ``workers`` processes.
-
-    ``fn`` must be a module-level function and the tasks picklable. Workers are started with the
-    ``spawn`` method (no inherited threads or state), and results come back in task order
-    whatever the worker count; ``progress(done, total)`` is called as they arrive.
-    """
-    total = len(tasks)
-    report = progress or (lambda done, total: None)
-    report(0, total)
-    if workers <= 1 or total <= 1:
-        out = []
-        for i, task in enumerate(tasks):
-            out.append(fn(task))
-            report(i + 1, total)
-        return out
-    chunk = max(1, total // (workers * 16))
-    context = multiprocessing.get_context("spawn")
-    results = []
-    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=context) as pool:
-        for i, value in enumerate(pool.map(fn, tasks, chunksize=chunk)):
-            results.append(value)
-            report(i + 1, total)
-    return results
-
-
-def _simulate_engine() -> Any:
-    """The Monte Carlo engine, or a clear error while it is not part of varshift."""
-    try:
-        simulate = importlib.import_module("varshift.engine.simulate")
-    except ModuleNotFoundError as exc:
-        if exc.name != "varshift.engine.simulate":
-            raise
-        raise MissingDependencyError(
-            "--simulate is not available yet: the Monte Carlo engine (varshift.engine.simulate) is "
-            "not part of this version; run the sweep without --simulate for the closed forms"
-        ) from None
-    return simulate
-
-
-@dataclass(frozen=True)
-class _SimTask:
-    """Everything one worker needs for one grid point: picklable, seeded per point."""
-
-    point: GridPoint
-    beta: float
-    momentum: float | str | None
-    steps: int
-    reps: int
-    seed: np.random.SeedSequence
-
-
-def simulate_point(task: _SimTask) -> SimStats:
-    """Monte Carlo at one grid point, drawing only from ``task.seed`` (module-level: picklable).
-
-    Runs :func:`varshift.engine.simulate.simulate` on synthetic normal inputs of the point's
-    mean and variance for ``steps`` updates.
-
-    * ``direct``: ``reps`` BN features, each with its own data column and noise, so they are
-      independent replicates; standard errors are their spread over ``sqrt(reps)``.
-    * ``linear``: one unit of the point's width, ``rho`` and ``cos²θ = D / width`` (units of
-      one layer share their inputs, so more of them would not be independent). Its standard
-      errors are the engine's noise band of the running variance combined with the sampling
-      noise of the finite dataset (``Var[s²] ≈ 2 var²/(N-1)``, exact for normal outputs).
-    """
-    engine = _simulate_engine()
-    p = task.point
-    linear = p.topology == "linear"
-    config = engine.SimConfig(
-        rate=p.rate,
-        dropout=p.dropout,
-        beta=task.beta,
-        preset=resolve_preset(p.framework, task.momentum),
-        batch_size=p.batch_size,
-        steps=task.steps,
-        features=1 if linear else task.reps,
-        mean=p.mean,
-        std=math.sqrt(p.var),
-        topology=p.topology,
-        width=p.width if linear else None,
-        rho=p.rho if linear else 0.0,
-        cos2=min(1.0, p.D / p.width) if linear else None,
-    )
-    result = engine.simulate(config, rng=np.random.default_rng(task.seed))
-    test = np.array([r.test_var for r in result.features], dtype=np.float64)
-    run = np.array([r.running_var for r in result.features], dtype=np.float64)
-    mt, mr = float(test.mean()), float(run.mean())
-    if linear:
-        (row,) = result.features
-        data = 2.0 / max(result.summary.rows - 1, 1)
-        st = mt * math.sqrt(data)
-        sr = math.sqrt(row.running_var_sd**2 + mr * mr * data)
-        cov = 0.0
-    else:
-        k = test.size
-        st, sr = float(test.std(ddof=1)) / math.sqrt(k), float(run.std(ddof=1)) / math.sqrt(k)
-        cov = float(np.cov(test, run, ddof=1)[0, 1]) / k
-    ratio = _ratio(mt, mr)
-    # Delta method for a ratio of means: Var(a/b) ≈ (a/b)² (Va/a² + Vb/b² - 2 Cab/(a b)).
-    rel = (st / mt) ** 2 + (sr / mr) ** 2 - 2 * cov / (mt * mr) if mt and mr else math.nan
-    return SimStats(mt, st, mr, sr, ratio, abs(ratio) * math.sqrt(max(rel, 0.0)))
 
 
 def _with_sim(row: SweepRow, sim: SimStats) -> SweepRow:
