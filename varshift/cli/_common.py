@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-import typer
-
 from varshift.cli._app import app
 from varshift.core.errors import ValidationError
 
-__all__ = ["DropoutKind", "Framework", "OutputFormat", "app", "fail", "parse_momentum"]
+__all__ = ["DropoutKind", "Framework", "OutputFormat", "app", "parse_momentum"]
 
 
 class Framework(StrEnum):
@@ -38,12 +36,6 @@ class OutputFormat(StrEnum):
     csv = "csv"
     json = "json"
     md = "md"
-
-
-def fail(message: str) -> typer.Exit:
-    """Print ``varshift: error: <message>`` on stderr; return the exit to raise (code 2)."""
-    typer.echo(f"varshift: error: {message}", err=True)
-    return typer.Exit(2)
 
 
 def parse_momentum(text: str | None) -> float | str | None:
