@@ -8,9 +8,11 @@ from typing import Annotated
 import typer
 
 from varshift.cli._common import app
-from varshift.jobs.suite import run_suite, scenarios, suite_metadata
+from varshift.core.files import OutputPlan
+from varshift.jobs.suite import scenarios, suite_result
 from varshift.present.render import message, progress_bar
-from varshift.present.report import to_table, write_report
+from varshift.present.report import report_paths
+from varshift.present.suite import write_suite_report
 
 EPILOG = """\
 Examples:
@@ -48,16 +50,9 @@ def suite(
     carry their standard deviation across seeds, so `varshift check` compares them within noise.
     The same seed gives byte-identical files.
     """
-    total = len(scenarios(quick))
-    with progress_bar("suite", total, quiet=quiet) as update:
-        rows = run_suite(seed, quick=quick, progress=update)
-    paths = write_report(
-        to_table(rows),
-        report_dir,
-        stem,
-        suite_metadata(seed, quick),
-        title=f"varshift report suite (seed {seed})",
-        force=force,
-    )
-    for p in paths:
+    plan = OutputPlan(force=force)
+    plan.add_all(report_paths(report_dir, stem))
+    with progress_bar("suite", len(scenarios(quick)), quiet=quiet) as update:
+        result = suite_result(seed, quick=quick, progress=update)
+    for p in write_suite_report(result, report_dir, stem):
         message(f"wrote {p}", quiet)
