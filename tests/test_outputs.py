@@ -106,3 +106,19 @@ def test_the_plan_names_the_input_behind_a_link(tmp_path: Path, stats: Path) -> 
     assert plan.add(tmp_path / "new.csv") == tmp_path / "new.csv"
     with pytest.raises(OutputFileError, match="already exists; pass --force to overwrite it"):
         OutputPlan([]).add(stats)
+
+
+def test_the_page_shows_the_figure_as_written_to_plot(tmp_path: Path, stats: Path) -> None:
+    """The page's inline SVG is drawn after the --plot files, so it is the same drawing (a
+    figure's first drawing settles its layout and the ids of its clip paths)."""
+    pytest.importorskip("matplotlib")
+    page, figs = tmp_path / "page.html", tmp_path / "figs"
+    code, _, err = run(
+        "correct", stats, "--rate", "0.5", "--dry-run", "--plot", figs, "--html", page
+    )
+    assert code == 0, err
+    html = page.read_text()
+    inline = html[html.index("<svg") : html.index("</svg>") + len("</svg>")]
+    written = (figs / "correct_before_after.svg").read_text()
+    assert "clipPath id=" in inline
+    assert inline == written[written.index("<svg") : written.index("</svg>") + len("</svg>")]

@@ -98,7 +98,7 @@ def check(
     result = check_reports(CheckJob(current, baseline, z, rtol, atol, tuple(fail_if or ())))
     md = show.markdown_summary(result, show_all=show_all)
     drawn = show.chart(result) if visuals.wanted else None
-    page = ("varshift check", show.sections(result, drawn), result.metadata) if html else None
+    page = ("varshift check", lambda: show.sections(result, drawn), result.metadata)
     shown = write_visuals(visuals, [drawn] if drawn else [], page)
     for path, text in ((junit, show.junit_xml(result)), (markdown, md)):
         if path is not None:

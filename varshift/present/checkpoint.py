@@ -111,5 +111,5 @@ def write_visuals(result: CorrectResult, visuals: Visuals) -> list[Path]:
     drawn = chart(result)
     page = None
     if visuals.html is not None:
-        page = ("varshift correct", sections(result, drawn), result.metadata)
+        page = ("varshift correct", lambda: sections(result, drawn), result.metadata)
     return _write(visuals, [drawn], page)

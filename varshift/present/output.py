@@ -10,7 +10,7 @@ its work (sweep) plans them then, still before writing any.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,14 +97,21 @@ def write_page(
 def write_visuals(
     visuals: Visuals,
     drawn: Sequence[Drawn],
-    page: tuple[str, Sequence[Section], Mapping[str, Any]] | None,
+    page: tuple[str, Callable[[], Sequence[Section]], Mapping[str, Any]] | None,
 ) -> list[Path]:
-    """The figures into ``--plot`` and the page (title, sections, metadata) into ``--html``."""
+    """The figures into ``--plot``, then the page into ``--html``.
+
+    ``page`` is the title, a function giving the sections and the metadata; the sections are
+    made after the figure files are written: a figure's first drawing settles its layout, so
+    this order keeps the files and the inline SVG the same from run to run and release to
+    release.
+    """
     written: list[Path] = []
     if visuals.plot is not None:
         written += save_all(visuals.plot, drawn)
     if visuals.html is not None and page is not None:
-        written.append(write_page(visuals.html, *page))
+        title, sections, metadata = page
+        written.append(write_page(visuals.html, title, sections(), metadata))
     return written
 
 

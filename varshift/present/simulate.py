@@ -275,5 +275,5 @@ def write_visuals(result: SimulateResult, visuals: Visuals) -> list[Path]:
     drawn = figures(result)
     page = None
     if visuals.html is not None:
-        page = ("varshift simulate", page_sections(result, drawn), result.metadata)
+        page = ("varshift simulate", lambda: page_sections(result, drawn), result.metadata)
     return _write(visuals, drawn, page)

@@ -212,5 +212,5 @@ def write_visuals(
     """The figures into ``--plot`` and the page into ``--html``."""
     page = None
     if visuals.html is not None:
-        page = ("varshift sweep", sections(result, df, drawn), result.metadata)
+        page = ("varshift sweep", lambda: sections(result, df, drawn), result.metadata)
     return _write(visuals, drawn, page)
