@@ -22,6 +22,7 @@ from varshift.jobs._meta import run_metadata
 from varshift.jobs.correct import (
     CorrectionConfig,
     CorrectionResult,
+    LayerCorrection,
     LayerInspection,
     correct_stats,
     inspect_stats,
@@ -158,7 +159,7 @@ class CorrectResult:
     metadata: Mapping[str, Any]
 
     @property
-    def rows(self) -> tuple[Any, ...]:
+    def rows(self) -> tuple[LayerCorrection, ...]:
         """One :class:`~varshift.jobs.correct.LayerCorrection` per layer."""
         return self.correction.rows
 
