@@ -4,7 +4,7 @@
 column's type the way ``pandas.DataFrame`` does for the same records, so a report rendered
 from a :class:`Grid` is byte-identical to one rendered from the DataFrame: a column of ints
 and floats (or ints and missing values) holds floats, missing numbers are NaN, a column of
-bools with a missing value keeps its objects.
+bools with a missing value keeps its objects, a column of strings has NaN for a missing one.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def infer_column(values: Sequence[Any]) -> list[Any]:
         if len(present) == len(vals):
             return vals
         return [math.nan if v is _MISSING else v for v in vals]
+    if all(isinstance(v, str) for v in present):  # pandas' string dtype: missing is NaN
+        return [math.nan if _is_missing(v) else v for v in vals]
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in present)
     if numeric:
         if len(present) == len(vals) and all(isinstance(v, int) for v in vals):
