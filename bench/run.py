@@ -36,6 +36,7 @@ import measure as m  # noqa: E402  (bench/ is not a package)
 ROUNDS = 3
 REPEATS = {"engine": 7, "engine-fit": 3, "numpy": 3, "torch": 1, "floor": 7}
 E2E_RUNS = 5
+STARTUP_RUNS = 7
 MEMORY_EPOCHS = (10, 1000)
 Z_LIMIT = 4.0  # |z| above this (for any feature) marks an implementation as inconsistent
 
@@ -55,7 +56,7 @@ class Row:
 # --- child processes ----------------------------------------------------------------------------
 
 
-def _spawn(cmd: Sequence[str]) -> tuple[str, float, int]:
+def _spawn(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[str, float, int]:
     """Run ``cmd``; return its stdout, wall time and *its own* peak RSS in KiB.
 
     ``getrusage(RUSAGE_CHILDREN)`` would report the largest peak of all children reaped so far
@@ -63,7 +64,7 @@ def _spawn(cmd: Sequence[str]) -> tuple[str, float, int]:
     own resource usage.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT, text=True, env=env)
     assert proc.stdout is not None
     out = proc.stdout.read()
     proc.stdout.close()
@@ -108,9 +109,7 @@ def time_all(names: list[str]) -> dict[str, dict[str, Any]]:
 
 def end_to_end() -> dict[str, list[float]]:
     """Wall time of the CLI with defaults and of ``python -c pass``, interleaved."""
-    exe = Path(sys.executable).parent / "varshift"
-    cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "varshift"]
-    cli += ["simulate", "--rate", "0.2", "--no-report"]
+    cli = [*_cli(), "simulate", "--rate", "0.2", "--no-report"]
     out: dict[str, list[float]] = {"cli": [], "python": [], "cli_maxrss_kib": []}
     for _ in range(E2E_RUNS):
         _, wall, rss = _spawn(cli)
@@ -118,6 +117,60 @@ def end_to_end() -> dict[str, list[float]]:
         out["cli_maxrss_kib"].append(rss)
         out["python"].append(_spawn([sys.executable, "-c", "pass"])[1])
     return out
+
+
+def _cli() -> list[str]:
+    exe = Path(sys.executable).parent / "varshift"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "varshift"]
+
+
+#: Commands timed as whole processes for the start-up targets (issue 12): name → arguments.
+STARTUP_COMMANDS: dict[str, list[str]] = {
+    "theory": ["theory", "--rate", "0.2"],
+    "simulate": ["simulate", "--rate", "0.2", "--no-report"],
+}
+
+#: Start-up targets: command → at most this many times a ``python -c "import numpy"`` process.
+STARTUP_TARGETS = {"theory": 2.0, "simulate": 2.5}
+
+
+def startup() -> dict[str, list[float]]:
+    """Wall time of whole processes, interleaved: ``import numpy`` and the two commands.
+
+    Bytecode is cached (in a temporary ``PYTHONPYCACHEPREFIX``, filled by an untimed first
+    round) as for an installed package, even where ``PYTHONDONTWRITEBYTECODE`` is set.
+    """
+    cmds = {"numpy": [sys.executable, "-c", "import numpy"]}
+    cmds |= {name: [*_cli(), *args] for name, args in STARTUP_COMMANDS.items()}
+    out: dict[str, list[float]] = {name: [] for name in cmds}
+    with tempfile.TemporaryDirectory(prefix="varshift-pycache-") as cache:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = cache
+        for cmd in cmds.values():
+            _spawn(cmd, env)
+        for _ in range(STARTUP_RUNS):
+            for name, cmd in cmds.items():
+                out[name].append(_spawn(cmd, env)[1])
+    return out
+
+
+def startup_rows(times: dict[str, list[float]]) -> list[Row]:
+    """One row per command: its best time against the best ``import numpy`` process."""
+    floor = min(times["numpy"])
+    rows = []
+    for name, limit in STARTUP_TARGETS.items():
+        best = min(times[name])
+        rows.append(
+            Row(
+                f"start-up: `varshift {' '.join(STARTUP_COMMANDS[name])}`",
+                _ms(best),
+                f'`python -c "import numpy"` {_ms(floor)}',
+                f"{best / floor:.2f}×",
+                f"≤ {limit:g}×",
+                best <= limit * floor,
+            )
+        )
+    return rows
 
 
 def memory() -> dict[str, dict[str, Any]]:
@@ -407,6 +460,17 @@ def details(
     return lines
 
 
+def startup_details(times: dict[str, list[float]]) -> list[str]:
+    """Best and median of each start-up process."""
+    lines = ["| start-up process | best | median | runs |", "|---|---|---|---|"]
+    for name, t in times.items():
+        label = '`python -c "import numpy"`'
+        if name in STARTUP_COMMANDS:
+            label = f"`varshift {' '.join(STARTUP_COMMANDS[name])}`"
+        lines.append(f"| {label} | {_ms(min(t))} | {_ms(statistics.median(t))} | {len(t)} |")
+    return lines
+
+
 def profile_lines(prof: dict[str, Any], floor: float) -> list[str]:
     total = prof["total"]
     lines = ["| phase | time | share |", "|---|---|---|"]
@@ -451,6 +515,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--startup"]:  # only the start-up rows, printed (nothing written)
+        print(table(startup_rows(startup())))
+        return 0
     started = time.perf_counter()
     names = ["engine", "engine-fit", "numpy", "floor"]
     if _torch_available():
@@ -461,6 +528,8 @@ def main() -> int:
     consumed_ok = floor_res["consumption"] == floor_res["floor_counts"]
     print("end to end (CLI)", file=sys.stderr)
     e2e = end_to_end()
+    print("start-up (whole processes)", file=sys.stderr)
+    boot = startup()
     print("memory (10 and 1000 epochs)", file=sys.stderr)
     mem = memory()
     prof = _measure("profile", "engine")
@@ -470,7 +539,7 @@ def main() -> int:
     if "torch" in timing:
         checks["PyTorch loop"] = consistency(timing["torch"]["stats"], "torch")
 
-    rows = build_rows(timing, e2e, mem)
+    rows = build_rows(timing, e2e, mem) + startup_rows(boot)
     tbl = table(rows)
     missed = [r.measurement for r in rows if r.met is False]
     inconsistent = [k for k, c in checks.items() if not c["consistent"]]
@@ -532,6 +601,8 @@ def main() -> int:
             "",
             *details(timing, e2e, mem),
             "",
+            *startup_details(boot),
+            "",
             f"Benchmark wall time: {elapsed:.0f} s.",
             "",
         ]
@@ -581,6 +652,11 @@ METHOD = [
     "- **End to end**: wall time from spawning `.venv/bin/varshift simulate --rate 0.2 "
     f"--no-report` (stdout to a pipe) until it is reaped, best of {E2E_RUNS}; `python -c pass` is "
     "the floor for starting a process.",
+    "- **Start-up**: `varshift theory --rate 0.2` and `varshift simulate --rate 0.2 --no-report` "
+    'as whole processes (stdout to a pipe) beside `python -c "import numpy"`, interleaved, '
+    f"best of {STARTUP_RUNS} each, bytecode cached (after an untimed round); targets 2× and "
+    "2.5× that floor (issue 12). "
+    "`python bench/run.py --startup` prints these rows alone.",
 ]
 
 

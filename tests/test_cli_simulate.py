@@ -223,7 +223,7 @@ def test_help_has_examples() -> None:
 
 
 def test_report_names_change_with_parameters_and_version() -> None:
-    from varshift.cli.cmd_simulate import report_stem
+    from varshift.jobs.simulate import report_stem
 
     params = {
         "topology": "direct",

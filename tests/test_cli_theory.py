@@ -149,9 +149,9 @@ def test_the_installed_entry_point_and_python_m_agree() -> None:
 def test_terminal_table_renders_in_a_fixed_width_console() -> None:
     from rich.console import Console
 
-    from varshift.cli.cmd_theory import human_layout
     from varshift.core.theory import TheoryConfig, theory_table
     from varshift.present.render import frame_table
+    from varshift.present.theory import human_layout
 
     console = Console(width=100, record=True, file=io.StringIO())
     console.print(frame_table(human_layout(theory_table(TheoryConfig(rates=(0.2,))))))

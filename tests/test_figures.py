@@ -11,8 +11,9 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from varshift.core.errors import MissingDependencyError, OutputFileError
-from varshift.jobs.sweep import SweepConfig, rate_figures, sweep
+from varshift.jobs.sweep import SweepConfig, sweep
 from varshift.present import figures
+from varshift.present.sweep import rate_figures
 
 
 def _width_figure() -> figures.Figure:

@@ -20,9 +20,9 @@ from varshift.jobs.sweep import (
     map_points,
     parse_axis,
     parse_choices,
-    rate_figures,
     sweep,
 )
+from varshift.present.sweep import rate_figures
 
 runner = CliRunner()
 

@@ -1,8 +1,10 @@
 """The ``varshift`` command line: parse options, call the library once, render the result.
 
-No numerics here. Library errors (:class:`varshift.core.errors.VarshiftError`) become a one-line
-message on stderr and their exit code (2 for bad input, 1 for a regression found by ``check``)
-in exactly one place, :func:`handle_errors`; anything else is a bug (exit 3, traceback shown).
+No numerics here. Each command lives in its own module, imported only when it runs
+(:mod:`varshift.cli._app`). Library errors (:class:`varshift.core.errors.VarshiftError`) become a
+one-line message on stderr and their exit code (2 for bad input, 1 for a regression found by
+``check``) in exactly one place, :meth:`varshift.cli._app.LazyGroup.invoke`; anything else is a
+bug (exit 3, traceback shown).
 """
 
 from __future__ import annotations
@@ -13,15 +15,9 @@ import traceback
 import typer
 
 from varshift import __version__
-from varshift.cli._common import app
-from varshift.cli.cmd_check import check
-from varshift.cli.cmd_correct import correct, inspect
-from varshift.cli.cmd_simulate import simulate
-from varshift.cli.cmd_suite import suite
-from varshift.cli.cmd_sweep import sweep
-from varshift.cli.cmd_theory import theory
+from varshift.cli._app import COMMANDS, app
 
-__all__ = ["app", "check", "correct", "inspect", "main", "simulate", "suite", "sweep", "theory"]
+__all__ = ["COMMANDS", "app", "main"]
 
 
 def _version(value: bool) -> None:
@@ -46,7 +42,7 @@ def _root(
 
 def main() -> None:
     """Console entry point. Usage errors exit 2 (click), library errors their own code
-    (:func:`handle_errors`), and anything unexpected is a bug: traceback, exit 3."""
+    (:class:`varshift.cli._app.LazyGroup`), and anything unexpected is a bug: traceback, exit 3."""
     try:
         app(prog_name="varshift")
     except Exception:

@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
-import pandas as pd
 import typer
 
-from varshift import __version__
-from varshift.cli._common import (
-    DropoutKind,
-    Framework,
-    OutputFormat,
-    app,
-    emit,
-    handle_errors,
-    parse_momentum,
-)
-from varshift.cli._outputs import Drawn, inline, preflight, save_all, write_page
-from varshift.core.errors import InputFileError, OutputFileError, ValidationError
-from varshift.core.files import atomic_write
-from varshift.core.presets import resolve_preset
-from varshift.formats import BNStats, format_from_extension, read_stats, write_stats
-from varshift.jobs.correct import (
-    CorrectionConfig,
-    CorrectionResult,
-    LayerCorrection,
-    correct_stats,
-    inspect_stats,
-    parse_layer_rule,
-)
-from varshift.present.report import render_text, to_frame
-
-if TYPE_CHECKING:
-    from varshift.present.html import Section
+from varshift.cli._common import DropoutKind, Framework, OutputFormat, app, parse_momentum
+from varshift.core.errors import ValidationError
+from varshift.core.files import OutputPlan
+from varshift.jobs.checkpoint import CorrectJob, correct_file, default_report, inspect_file
+from varshift.present import checkpoint as show
+from varshift.present.output import Visuals, emit, plan_visuals
+from varshift.present.render import message
+from varshift.present.report import to_table
 
 
 class Method(StrEnum):
@@ -85,56 +63,8 @@ Examples:
   varshift correct model.pt --rate 0.5 --dry-run --plot figs --html correct.html
 """
 
-#: Figure file stem of --plot.
-FIGURE_STEM = "correct_before_after"
-
-#: The before/after chart shows at most this many layers.
-MAX_LAYERS_SHOWN = 60
-
-#: Columns of the human ``inspect`` table (the flags column summarises the boolean ones).
-INSPECT_COLUMNS = [
-    "layer",
-    "channels",
-    "count",
-    "var_mean",
-    "var_min",
-    "var_max",
-    "mean_mean",
-    "mean_min",
-    "mean_max",
-    "flags",
-]
-
-
-def _note(message: str, quiet: bool) -> None:
-    if not quiet:
-        typer.echo(f"varshift: {message}", err=True)
-
-
-def _framework(stats: BNStats, option: Framework | None, quiet: bool) -> str:
-    """``--framework``, else what the file implies, else torch with a note."""
-    if option is not None:
-        return option.value
-    if stats.framework is not None:
-        return stats.framework
-    _note(
-        f"note: {stats.where} does not say which framework wrote it; assuming torch "
-        "conventions (unbiased stored variance, momentum 0.1); pass --framework to change",
-        quiet,
-    )
-    return "torch"
-
-
-def _require_layers(stats: BNStats) -> None:
-    if not stats.layers:
-        raise InputFileError(
-            f"{stats.where}: no BatchNorm statistics found (looked for running_mean/running_var, "
-            "moving_mean/moving_variance or mean/var keys, or Keras batch_normalization layers)"
-        )
-
 
 @app.command(epilog=INSPECT_EPILOG)
-@handle_errors
 def inspect(
     file: Annotated[Path, typer.Argument(help=FILE_HELP, show_default=False)],
     framework: Annotated[
@@ -161,38 +91,16 @@ def inspect(
     few updates for the momentum to forget the initial value (fewer than
     `varshift theory` calls updates_to_1pct), non-finite or non-positive variances.
     """
-    stats = read_stats(file)
-    _require_layers(stats)
-    preset = resolve_preset(_framework(stats, framework, quiet), parse_momentum(momentum))
-    rows = inspect_stats(stats, preset)
-    df = to_frame(rows)
-    meta = {
-        "varshift": __version__,
-        "command": "inspect",
-        "parameters": {
-            "file": file.name,
-            "format": stats.format,
-            "container": stats.container,
-            "framework": preset.name,
-            "momentum": preset.momentum,
-        },
-    }
-    title = f"BatchNorm statistics in {file.name} ({stats.format}, {preset.name} conventions)"
-    emit(
-        df,
-        fmt,
-        metadata=meta,
-        title=title,
-        output=output,
-        force=force,
-        table_df=df[INSPECT_COLUMNS],
-    )
-    flagged = sum(bool(r.flags) for r in rows)
-    _note(f"{len(rows)} BatchNorm layer(s), {flagged} flagged", quiet)
+    plan = OutputPlan([file], force=force)
+    plan.add_all([output] if output else [], "--output")
+    result = inspect_file(file, framework and framework.value, parse_momentum(momentum))
+    _notes(result.notes, quiet)
+    df, human, title = show.inspect_tables(result)
+    emit(df, fmt.value, metadata=result.metadata, title=title, output=output, table_df=human)
+    _notes([f"{len(result.rows)} BatchNorm layer(s), {result.flagged} flagged"], quiet)
 
 
 @app.command(epilog=CORRECT_EPILOG)
-@handle_errors
 def correct(
     file: Annotated[Path, typer.Argument(help=FILE_HELP, show_default=False)],
     rate: Annotated[
@@ -295,146 +203,42 @@ def correct(
     needs matplotlib); `--html FILE` writes one self-contained page with the chart and the
     before/after table. Both are written with `--dry-run` too, as a preview.
     """
-    preflight(plot, html, (FIGURE_STEM,), force=force)
-    stats = read_stats(file)
-    _require_layers(stats)
-    preset = resolve_preset(_framework(stats, framework, quiet))
-    config = CorrectionConfig(
+    visuals = Visuals(plot, html)
+    plan = OutputPlan([file], force=force)
+    plan_visuals(plan, visuals, [show.FIGURE_STEM])
+    if not dry_run and output is None:
+        raise ValidationError("--output/-o is required (or --dry-run to only show the table)")
+    job = CorrectJob(
+        file=file,
+        output=None if dry_run else output,
         rate=rate,
-        rules=tuple(parse_layer_rule(text) for text in layer or ()),
+        layers=tuple(layer or ()),
         exclude=tuple(exclude or ()),
         dropout=dropout.value,
         beta=beta,
-        preset=preset,
+        framework=framework and framework.value,
         batch_size=batch_size,
         method=method.value,
         target=target.value,
+        report=None if dry_run or no_report or output is None else report or default_report(output),
+        force=force,
     )
-    targets = None
-    if not dry_run:
-        if output is None:
-            raise ValidationError("--output/-o is required (or --dry-run to only show the table)")
-        targets = _targets(stats, output, report, not no_report, force)
-    result = correct_stats(stats, config)
-    meta = {
-        "varshift": __version__,
-        "command": "correct",
-        "parameters": {
-            "file": file.name,
-            "format": stats.format,
-            "output": output.name if output is not None else None,
-            "rate": rate,
-            "layer": list(layer or ()),
-            "exclude": list(exclude or ()),
-            "dropout": config.dropout,
-            "beta": beta if config.dropout == "uout" else None,
-            "framework": preset.name,
-            "batch_size": batch_size,
-            "method": config.method,
-            "target": config.target,
-        },
-        "warnings": list(result.warnings),
-    }
-    df = to_frame(result.rows)
-    written: list[Path] = []
-    if targets is not None:
-        written.append(write_stats(result.stats, targets.output, targets.format, force=force))
-        if targets.report is not None:
-            text = render_text(
-                df, targets.report.suffix.lower().lstrip("."), meta, "varshift correct"
-            )
-            written.append(atomic_write(targets.report, text, force=force))
-    title = (
-        f"{result.corrected} of {len(result.rows)} BatchNorm layer(s) corrected in {file.name} "
-        f"({config.dropout} dropout, {preset.name}, {config.method}, target {config.target})"
+    result = correct_file(job, plan)
+    written = [*result.written, *filter(None, [show.write_correct_report(result)])]
+    shown = show.write_visuals(result, visuals) if visuals.wanted else []
+    _notes(result.notes, quiet)
+    emit(
+        to_table(result.rows), fmt.value, metadata=result.metadata, title=show.correct_title(result)
     )
-    shown: list[Path] = []
-    if plot is not None or html is not None:
-        drawn = _chart(result.rows, title)
-        if plot is not None:
-            shown += save_all(plot, [drawn])
-        if html is not None:
-            shown.append(write_page(html, "varshift correct", _sections(result, df, drawn), meta))
-    emit(df, fmt, metadata=meta, title=title)
-    for warning in result.warnings:
-        _note(f"warning: {warning}", quiet)
+    _notes([f"warning: {w}" for w in result.correction.warnings], quiet)
     if not dry_run:
-        _note(f"wrote {' and '.join(map(str, written))}", quiet)
-    elif shown:
-        _note("dry run: no corrected file or report written", quiet)
+        _notes([f"wrote {' and '.join(map(str, written))}"], quiet)
     else:
-        _note("dry run: nothing written", quiet)
-    for path in shown:
-        _note(f"wrote {path}", quiet)
+        what = "no corrected file or report written" if shown else "nothing written"
+        _notes([f"dry run: {what}"], quiet)
+    _notes([f"wrote {path}" for path in shown], quiet)
 
 
-def _chart(rows: Sequence[LayerCorrection], title: str) -> Drawn:
-    """Mean running variance per layer, before and after."""
-    from varshift.present.figures import layer_before_after
-
-    cut = rows[:MAX_LAYERS_SHOWN]
-    fig = layer_before_after(
-        [r.layer for r in cut],
-        [r.var_before for r in cut],
-        [r.var_after for r in cut],
-        ylabel="mean running variance over channels",
-        title="Running variance per BatchNorm layer,\nbefore and after the correction",
-    )
-    more = f" (the first {len(cut)} of {len(rows)} layers)" if len(cut) < len(rows) else ""
-    caption = (
-        f"{title}{more}. Each layer's running variance, averaged over its channels, as stored "
-        "(before) and corrected to what the layer sees at test time (after); layers left "
-        "alone have equal bars."
-    )
-    return Drawn(FIGURE_STEM, fig, caption)
-
-
-def _sections(result: CorrectionResult, df: pd.DataFrame, drawn: Drawn) -> list[Section]:
-    from varshift.present.html import Section, Table
-
-    notes = tuple(f"Warning: {w}" for w in result.warnings)
-    return [
-        Section(
-            "Per-layer running variance",
-            (
-                "var_before and var_after are each layer's running variance averaged over its "
-                "channels; ratio = var_after / var_before (bernoulli with a zero mean: the keep "
-                "probability 1 − rate).",
-                *notes,
-            ),
-            figures=inline([drawn]),
-            tables=(Table(df, "Before and after, one row per BatchNorm layer"),),
-        )
-    ]
-
-
-@dataclass(frozen=True)
-class _Targets:
-    output: Path
-    format: str
-    report: Path | None
-
-
-def _targets(
-    stats: BNStats, output: Path, report: Path | None, want_report: bool, force: bool
-) -> _Targets:
-    """Check every output before anything is written: format, existence, not the input."""
-    fmt = format_from_extension(output) or stats.format
-    report_path = None
-    if want_report:
-        report_path = report or output.with_name(output.name + ".report.json")
-        if report_path.suffix.lower() not in (".json", ".csv", ".md"):
-            raise ValidationError(
-                f"--report must end in .json, .csv or .md; got {report_path.name!r}"
-            )
-    for path in (output, report_path):
-        if path is None or not path.exists():
-            continue
-        if stats.source is not None and path.samefile(stats.source):
-            raise OutputFileError(
-                f"{path}: is the input file; varshift never modifies its input, choose another "
-                "output"
-            )
-        if not force:
-            raise OutputFileError(f"{path}: already exists; pass --force to overwrite it")
-    return _Targets(output, fmt, report_path)
+def _notes(lines: list[str] | tuple[str, ...], quiet: bool) -> None:
+    for line in lines:
+        message(f"varshift: {line}", quiet)

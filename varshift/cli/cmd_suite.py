@@ -7,10 +7,12 @@ from typing import Annotated
 
 import typer
 
-from varshift.cli._common import app, handle_errors
-from varshift.jobs.suite import run_suite, scenarios, suite_metadata
-from varshift.present.render import progress_bar
-from varshift.present.report import to_frame, write_report
+from varshift.cli._common import app
+from varshift.core.files import OutputPlan
+from varshift.jobs.suite import scenarios, suite_result
+from varshift.present.render import message, progress_bar
+from varshift.present.report import report_paths
+from varshift.present.suite import write_suite_report
 
 EPILOG = """\
 Examples:
@@ -26,7 +28,6 @@ Examples:
 
 
 @app.command(epilog=EPILOG)
-@handle_errors
 def suite(
     report_dir: Annotated[
         Path, typer.Option("--report-dir", help="Folder for the report files.")
@@ -49,17 +50,9 @@ def suite(
     carry their standard deviation across seeds, so `varshift check` compares them within noise.
     The same seed gives byte-identical files.
     """
-    total = len(scenarios(quick))
-    with progress_bar("suite", total, quiet=quiet) as update:
-        rows = run_suite(seed, quick=quick, progress=update)
-    paths = write_report(
-        to_frame(rows),
-        report_dir,
-        stem,
-        suite_metadata(seed, quick),
-        title=f"varshift report suite (seed {seed})",
-        force=force,
-    )
-    if not quiet:
-        for p in paths:
-            typer.echo(f"wrote {p}", err=True)
+    plan = OutputPlan(force=force)
+    plan.add_all(report_paths(report_dir, stem))
+    with progress_bar("suite", len(scenarios(quick)), quiet=quiet) as update:
+        result = suite_result(seed, quick=quick, progress=update)
+    for p in write_suite_report(result, report_dir, stem):
+        message(f"wrote {p}", quiet)

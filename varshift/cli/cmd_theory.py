@@ -5,45 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 
-from varshift import __version__
-from varshift.cli._common import (
-    DropoutKind,
-    Framework,
-    OutputFormat,
-    app,
-    emit,
-    handle_errors,
-    parse_momentum,
-)
-from varshift.core.errors import ValidationError
+from varshift.cli._common import DropoutKind, Framework, OutputFormat, app, parse_momentum
+from varshift.core.files import OutputPlan
 from varshift.core.presets import resolve_preset
-from varshift.core.theory import TheoryConfig, TheoryRow, theory_table
-from varshift.core.validate import check_range
-from varshift.present.report import to_frame
-
-#: Rows of the human (transposed) layout: field → description.
-DESCRIPTIONS: dict[str, str] = {
-    "keep": "keep probability q = 1 - rate",
-    "beta": "uout half-width",
-    "kappa": "E[m²]/E[m]² of the noise",
-    "train_mean": "BN input mean, training",
-    "train_var": "BN input variance, training",
-    "test_var": "BN input variance, test",
-    "shift_ratio": "Δ = test / train variance",
-    "inverse_ratio": "1/Δ",
-    "stored_batch_var": "E[stored batch variance]",
-    "stored_batch_var_sd": "sd of one stored batch variance",
-    "running_var": "E[running variance] after steps",
-    "running_var_sd": "noise sd of the running variance",
-    "residual_weight": "weight of the initial value 1",
-    "updates_to_1pct": "updates until that weight < 1%",
-    "corrected_var_debiased": "data-free correction (debiased)",
-    "corrected_var_naive": "data-free correction (naive)",
-    "gamma_star": "γ* of an identity-trained BN",
-}
+from varshift.jobs.theory import TheoryConfig, input_variance, run_theory
+from varshift.present import theory as show
+from varshift.present.output import emit
+from varshift.present.report import to_table
 
 EPILOG = """\
 Examples:
@@ -58,21 +28,7 @@ Examples:
 """
 
 
-def human_layout(rows: list[TheoryRow]) -> pd.DataFrame:
-    """Quantities down, one column per rate: what a person compares."""
-    df = to_frame(rows)
-    keep = [k for k in DESCRIPTIONS if df[k].notna().any()]
-    table = pd.DataFrame(
-        {"quantity": keep, "meaning": [DESCRIPTIONS[k] for k in keep]},
-    )
-    for i, row in enumerate(df.to_dict("records")):
-        label = f"rate {row['rate']:g}"
-        table[label if label not in table else f"{label} #{i + 1}"] = [row[k] for k in keep]
-    return table
-
-
 @app.command(epilog=EPILOG)
-@handle_errors
 def theory(
     rate: Annotated[
         list[float] | None,
@@ -121,22 +77,11 @@ def theory(
     stored running variance with its noise, the data-free correction and γ*. `table` and `md`
     show quantities down and rates across; `csv` and `json` give one record per rate.
     """
-    if std is not None and var is not None:
-        raise ValidationError("give either --var or --std, not both")
-    v = 1.0 if var is None and std is None else var
-    if std is not None:
-        v = check_range("std", std, 0.0, None) ** 2
-    assert v is not None
-    if topology not in ("direct", "linear"):
-        raise ValidationError(f"topology must be one of direct, linear; got {topology!r}")
-    if D is not None and cos2 is not None:
-        raise ValidationError("give either --D or --cos2, not both")
-    rates = tuple(rate) if rate else (0.5,)
-    preset = resolve_preset(framework.value, parse_momentum(momentum))
+    OutputPlan(force=force).add_all([output] if output else [], "--output")
     config = TheoryConfig(
-        rates=rates,
+        rates=tuple(rate) if rate else (0.5,),
         mean=mean,
-        var=v,
+        var=input_variance(var, std, names=("--var", "--std")),
         dropout=dropout.value,
         beta=beta,
         topology=topology,
@@ -144,43 +89,17 @@ def theory(
         rho=rho,
         cos2=cos2,
         D=D,
-        preset=preset,
+        preset=resolve_preset(framework.value, parse_momentum(momentum)),
         batch_size=batch_size,
         steps=steps,
     )
-    rows = theory_table(config)
-    meta = {"varshift": __version__, "command": "theory", "parameters": config_metadata(config)}
-    title = (
-        f"variance shift, {dropout.value} dropout, input mean {mean:g} var {v:g}, "
-        f"{preset.name} (alpha {preset.alpha}), n={batch_size}, T={steps}"
-    )
+    result = run_theory(config)
+    human = show.human_layout(result.rows)
     emit(
-        to_frame(rows),
-        fmt,
-        metadata=meta,
-        title=title,
+        to_table(result.rows),
+        fmt.value,
+        metadata=result.metadata,
+        title=show.title(result),
         output=output,
-        force=force,
-        table_df=human_layout(rows),
+        table_df=human,
     )
-
-
-def config_metadata(config: TheoryConfig) -> dict[str, object]:
-    """The parameters block of the report metadata."""
-    preset = config.preset
-    return {
-        "rates": list(config.rates),
-        "mean": config.mean,
-        "var": config.var,
-        "dropout": config.dropout,
-        "beta": config.beta,
-        "topology": config.topology,
-        "width": config.width,
-        "rho": config.rho,
-        "cos2": config.cos2,
-        "D": config.D,
-        "framework": preset.name if preset else None,
-        "momentum": preset.momentum if preset else None,
-        "batch_size": config.batch_size,
-        "steps": config.steps,
-    }

@@ -20,7 +20,7 @@ import math
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from varshift.core.errors import InputFileError, ValidationError
 from varshift.core.validate import check_range
+from varshift.jobs._meta import run_metadata
 
 #: Orientation of metrics in reports that do not state one, by glob on the metric name.
 DEFAULT_ORIENTATION: tuple[tuple[str, str], ...] = (
@@ -132,10 +133,12 @@ class Comparison:
 
 @dataclass(frozen=True)
 class CheckResult:
-    """All comparisons plus the explicit rules that failed."""
+    """All comparisons plus the explicit rules that failed (and, from :func:`check_reports`,
+    the run metadata)."""
 
     comparisons: tuple[Comparison, ...]
     rule_failures: tuple[Comparison, ...]
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def regressions(self) -> tuple[Comparison, ...]:
@@ -363,81 +366,6 @@ def load_report(path: Path) -> tuple[dict[str, Any], dict[tuple[str, str], Metri
     return meta, metrics_from_rows(doc["rows"], str(path))
 
 
-# --- CI outputs -----------------------------------------------------------------------------
-
-
-def summary_line(result: CheckResult) -> str:
-    """One line: how many metrics were compared and how each came out."""
-    marks: dict[str, int] = {}
-    for c in result.comparisons:
-        marks[c.mark] = marks.get(c.mark, 0) + 1
-    parts = ", ".join(f"{n} {m}" for m, n in sorted(marks.items()))
-    verdict = "REGRESSION" if result.regressed else "ok"
-    rules = f"; {len(result.rule_failures)} fail-if rule hits" if result.rule_failures else ""
-    return f"varshift check: {verdict}: {len(result.comparisons)} metrics ({parts}){rules}"
-
-
-def _describe(c: Comparison) -> str:
-    return (
-        f"{c.scenario}/{c.metric} {c.mark}: baseline {c.baseline:.6g}, "
-        f"current {c.current:.6g} ({c.reason})"
-    )
-
-
-def junit_xml(result: CheckResult, suite: str = "varshift check") -> str:
-    """JUnit XML: one test case per metric (class = scenario), a ``<failure>`` per regression."""
-    from xml.sax.saxutils import quoteattr
-
-    cases = list(result.comparisons) + list(result.rule_failures)
-    failures = sum(1 for c in cases if c.regressed)
-    lines = [
-        '<?xml version="1.0" encoding="UTF-8"?>',
-        f'<testsuites name={quoteattr(suite)} tests="{len(cases)}" failures="{failures}">',
-        f'  <testsuite name={quoteattr(suite)} tests="{len(cases)}" failures="{failures}" '
-        'errors="0" skipped="0">',
-    ]
-    for c in cases:
-        name = c.metric if c.mark != "rule" else f"{c.metric} [{c.reason}]"
-        head = f"    <testcase classname={quoteattr(c.scenario or 'report')} name={quoteattr(name)}"
-        if c.regressed:
-            msg = _describe(c)
-            lines.append(head + ">")
-            lines.append(f"      <failure message={quoteattr(msg)} type={quoteattr(c.mark)}/>")
-            lines.append("    </testcase>")
-        else:
-            lines.append(head + "/>")
-    lines += ["  </testsuite>", "</testsuites>", ""]
-    return "\n".join(lines)
-
-
-def markdown_summary(result: CheckResult, *, show_all: bool = False) -> str:
-    """A Markdown report: the verdict, then the regressed (or all) metrics as a table."""
-    head = "## " + summary_line(result) + "\n\n"
-    rows = result.comparisons + result.rule_failures if show_all else result.regressions
-    if not rows:
-        return head + "No metric regressed.\n"
-    lines = [
-        "| scenario | metric | baseline | current | ratio | z | mark | reason |",
-        "|---|---|---:|---:|---:|---:|---|---|",
-    ]
-    for c in rows:
-        lines.append(
-            f"| {c.scenario} | {c.metric} | {c.baseline:.6g} | {c.current:.6g} | "
-            f"{c.ratio:.4g} | {'' if math.isnan(c.z) else f'{c.z:.2f}'} | "
-            f"{'**' + c.mark + '**' if c.regressed else c.mark} | {c.reason} |"
-        )
-    return head + "\n".join(lines) + "\n"
-
-
-def github_annotations(result: CheckResult) -> list[str]:
-    """``::error`` workflow-command lines, one per regression."""
-    out = []
-    for c in result.regressions:
-        msg = _describe(c).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-        out.append(f"::error title=varshift check::{msg}")
-    return out
-
-
 def load_metrics(path: Path) -> tuple[dict[str, Any], dict[tuple[str, str], Metric]]:
     """Metrics of a JSON report, or of a checkpoint's BatchNorm statistics (any stats format).
 
@@ -479,3 +407,54 @@ def _checkpoint_metrics(path: Path) -> dict[tuple[str, str], Metric]:
         for metric, value in values.items():
             _add(out, Metric(name, metric, value), str(path))
     return out
+
+
+# --- the job --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckJob:
+    """One ``check``: a current report or checkpoint against a baseline.
+
+    ``z``, ``rtol``, ``atol`` set the tolerance (module docstring); ``fail_if`` are rule texts
+    (:func:`parse_rule`).
+    """
+
+    current: Path
+    baseline: Path
+    z: float = 4.0
+    rtol: float = 1e-6
+    atol: float = 1e-12
+    fail_if: tuple[str, ...] = ()
+
+
+def check_reports(job: CheckJob) -> CheckResult:
+    """Load both files' metrics and compare them (:func:`compare`), with the run metadata.
+
+    Raises
+    ------
+    InputFileError, ValidationError
+        An unreadable file, mismatched reports, or an invalid rule or tolerance.
+    """
+    rules = [parse_rule(r) for r in job.fail_if]
+    _, base_metrics = load_metrics(job.baseline)
+    _, cur_metrics = load_metrics(job.current)
+    result = compare(
+        base_metrics,
+        cur_metrics,
+        z=job.z,
+        rtol=job.rtol,
+        atol=job.atol,
+        rules=rules,
+        baseline_name=str(job.baseline),
+        current_name=str(job.current),
+    )
+    params = {
+        "current": str(job.current),
+        "baseline": str(job.baseline),
+        "z": job.z,
+        "rtol": job.rtol,
+        "atol": job.atol,
+        "fail_if": [str(r) for r in rules],
+    }
+    return replace(result, metadata=run_metadata("check", params))

@@ -21,7 +21,7 @@ simulate a single unit (units of one layer share their inputs and are not indepe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -242,3 +242,21 @@ def suite_metadata(seed: int, quick: bool) -> dict[str, object]:
             for s in scenarios(quick)
         },
     }
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """The suite's rows for one seed, with the report metadata."""
+
+    seed: int
+    quick: bool
+    rows: tuple[MetricRow, ...]
+    metadata: Mapping[str, object]
+
+
+def suite_result(
+    seed: int = 0, *, quick: bool = False, progress: Callable[[int, int], None] | None = None
+) -> SuiteResult:
+    """:func:`run_suite` over every scenario, with :func:`suite_metadata`: ``varshift suite``."""
+    rows = run_suite(seed, quick=quick, progress=progress)
+    return SuiteResult(seed, quick, tuple(rows), suite_metadata(seed, quick))

@@ -7,199 +7,60 @@ then what :func:`varshift.core.theory.theory_table` computes there (train and te
 ratio ``Delta``, the expected stored running variance and its noise), then, with
 ``simulate=True``, the Monte Carlo estimates and their z-scores.
 
-Axes are written as comma lists and inclusive ranges (:func:`parse_axis`)::
-
-    0.1:0.9:0.1     0.1, 0.2, ..., 0.9 (stop included within float tolerance)
-    1:64:x2         1, 2, 4, ..., 64 (geometric)
-    1,4,16,64       a list; items may themselves be ranges
-
-Reproducibility of the Monte Carlo: point ``i`` draws from its own stream,
-``np.random.SeedSequence(entropy).spawn(n_points)[i]``, so a sweep gives the same numbers
-whether it runs in one process or in ``workers`` processes.
+Axes are written as comma lists and inclusive ranges (:mod:`varshift.jobs.axes`); the Monte
+Carlo per point, reproducible whatever the number of processes, is in
+:mod:`varshift.jobs.sweep_points`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import multiprocessing
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from varshift import engine
 from varshift.core.dropout import DROPOUT_KINDS, Dropout
 from varshift.core.errors import ValidationError
 from varshift.core.presets import FRAMEWORKS, Preset, resolve_preset
 from varshift.core.theory import TheoryConfig, check_rho, shift_direct, theory_table
 from varshift.core.validate import check_choice, check_finite, check_int, check_range
+from varshift.jobs._meta import run_metadata
+from varshift.jobs.axes import MAX_AXIS_VALUES, clean_number, parse_axis, parse_choices
+from varshift.jobs.sweep_points import (
+    GridPoint,
+    Progress,
+    SimStats,
+    _ratio,
+    _seed_sequence,
+    _SimTask,
+    map_points,
+    simulate_point,
+)
 
 #: Grids with more points than this need ``force=True`` (``--force``).
 MAX_POINTS = 10_000
 
-#: No single axis may expand to more values than this, forced or not.
-MAX_AXIS_VALUES = 1_000_000
-
-#: Progress callback: ``callback(done, total)``.
-Progress = Callable[[int, int], None]
-
-T = TypeVar("T")
-U = TypeVar("U")
-
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::([xX*]?)({_NUMBER}))?$")
-
-
-# --- axis parsing ---------------------------------------------------------------------------
-
-
-def _clean(x: float) -> float:
-    """Drop the float noise of ``a + i*step`` (``0.30000000000000004`` → ``0.3``)."""
-    return float(f"{x:.12g}")
-
-
-def _parse_number(name: str, text: str, spec: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValidationError(
-            f"{name} must be numbers, comma lists or ranges start:stop:step; got {spec!r}"
-        ) from None
-    if not math.isfinite(value):
-        raise ValidationError(f"{name} must be finite; got {spec!r}")
-    return value
-
-
-def _expand_range(name: str, item: str, max_values: int) -> list[float]:
-    """Values of one ``start:stop[:step]`` or ``start:stop:xfactor`` item, stop included."""
-    m = _RANGE.match(item)
-    if m is None:
-        raise ValidationError(
-            f"{name} range must be start:stop:step or start:stop:xfactor; got {item!r}"
-        )
-    start, stop = float(m.group(1)), float(m.group(2))
-    geometric = bool(m.group(3))
-    step = float(m.group(4)) if m.group(4) is not None else 1.0
-    if not all(math.isfinite(x) for x in (start, stop, step)):
-        raise ValidationError(f"{name} range must have finite bounds and step; got {item!r}")
-    if geometric:
-        if start <= 0 or stop <= 0 or step <= 0 or step == 1:
-            raise ValidationError(
-                f"{name} range {item!r} is empty: a geometric range needs start, stop > 0 and "
-                "a factor > 0 other than 1"
-            )
-        ratio = math.log(stop / start) / math.log(step)
-        count = math.floor(ratio + 1e-9) + 1
-        if ratio < -1e-9:
-            count = 0
-    else:
-        if step == 0:
-            raise ValidationError(f"{name} range {item!r} is empty: the step must not be 0")
-        ratio = (stop - start) / step
-        count = math.floor(ratio + 1e-9) + 1 if ratio > -1e-9 else 0
-    if count <= 0:
-        direction = "start > stop with a positive step" if step > 0 else "start < stop"
-        if geometric:
-            direction = "the factor moves away from stop"
-        raise ValidationError(f"{name} range {item!r} is empty: {direction}")
-    if count > max_values:
-        raise ValidationError(
-            f"{name} range {item!r} has {count} values; at most {max_values} per axis"
-        )
-    out = [_clean(start * step**i if geometric else start + i * step) for i in range(count)]
-    # The stop value, reached within float tolerance, is written exactly as given.
-    if abs(out[-1] - stop) <= 1e-9 * max(1.0, abs(stop)):
-        out[-1] = stop
-    return out
-
-
-def parse_axis(
-    name: str,
-    specs: str | Iterable[str],
-    *,
-    integer: bool = False,
-    max_values: int = MAX_AXIS_VALUES,
-) -> tuple[float, ...]:
-    """Expand comma lists and inclusive ranges into the values of one grid axis.
-
-    Parameters
-    ----------
-    name:
-        How the axis is named in error messages (the CLI passes ``--rate``, ...).
-    specs:
-        One string or several (a repeated option); each is a comma list whose items are
-        numbers, arithmetic ranges ``start:stop:step`` (``start:stop`` means step 1) or
-        geometric ranges ``start:stop:xfactor``. ``stop`` is included when the step reaches it
-        within a relative tolerance of 1e-9.
-    integer:
-        Require integer values (widths, batch sizes); they are returned as floats all the same.
-    max_values:
-        Refuse an axis that expands to more values than this.
-
-    Returns
-    -------
-    tuple of float
-        The values in the order given, without repeats.
-
-    Raises
-    ------
-    ValidationError
-        For an empty range (``0.5:0.1:0.1``, a step of 0), a malformed item or a non-integer
-        value where an integer is required.
-
-    Examples
-    --------
-    >>> parse_axis("--rate", "0.1:0.5:0.1")
-    (0.1, 0.2, 0.3, 0.4, 0.5)
-    >>> parse_axis("--D", ["1,4", "16:64:x4"])
-    (1.0, 4.0, 16.0, 64.0)
-    """
-    texts = [specs] if isinstance(specs, str) else list(specs)
-    if not texts:
-        raise ValidationError(f"{name} must have at least one value; got none")
-    seen: dict[float, None] = {}
-    for spec in texts:
-        for raw in spec.split(","):
-            item = raw.strip()
-            if not item:
-                raise ValidationError(f"{name} has an empty item; got {spec!r}")
-            if ":" in item:
-                values = _expand_range(name, item, max_values)
-            else:
-                values = [_parse_number(name, item, spec)]
-            for v in values:
-                if integer and v != round(v):
-                    raise ValidationError(f"{name} must be integers; got {v:g} in {spec!r}")
-                seen.setdefault(float(round(v)) if integer else v, None)
-            if len(seen) > max_values:
-                raise ValidationError(f"{name} has more than {max_values} values")
-    return tuple(seen)
-
-
-def parse_choices(name: str, specs: str | Iterable[str], choices: Sequence[str]) -> tuple[str, ...]:
-    """Expand a comma list of names (``all`` means every choice), validated and without repeats.
-
-    Examples
-    --------
-    >>> parse_choices("--framework", "torch,keras", ("torch", "keras", "flax"))
-    ('torch', 'keras')
-    """
-    texts = [specs] if isinstance(specs, str) else list(specs)
-    seen: dict[str, None] = {}
-    for spec in texts:
-        for raw in spec.split(","):
-            item = raw.strip()
-            if item.lower() == "all":
-                seen.update(dict.fromkeys(choices))
-                continue
-            seen.setdefault(check_choice(name, item, choices), None)
-    if not seen:
-        raise ValidationError(f"{name} must have at least one value; got none")
-    return tuple(seen)
+__all__ = [
+    "MAX_AXIS_VALUES",
+    "MAX_POINTS",
+    "GridPoint",
+    "SimStats",
+    "SweepConfig",
+    "SweepResult",
+    "SweepRow",
+    "axes_config",
+    "grid_points",
+    "map_points",
+    "parse_axis",
+    "parse_choices",
+    "run_sweep",
+    "simulate_point",
+    "sweep",
+    "sweep_parameters",
+]
 
 
 # --- configuration and results --------------------------------------------------------------
@@ -296,50 +157,6 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
-class GridPoint:
-    """The coordinates of one grid point; ``index`` is its position in the product."""
-
-    index: int
-    dropout: str
-    framework: str
-    batch_size: int
-    mean: float
-    var: float
-    topology: str
-    rho: float
-    width: int
-    D: float
-    rate: float
-
-
-@dataclass(frozen=True)
-class SimStats:
-    """Monte Carlo estimates at one grid point, each with its standard error (``*_se``).
-
-    The simulation runs ``reps`` independent BN features (each its own dataset column and
-    noise) for ``steps`` updates; estimates are means over features and standard errors their
-    spread over features divided by ``sqrt(reps)``.
-
-    Attributes
-    ----------
-    test_var:
-        The population variance BN sees at test time (dropout off), measured on the data.
-    running_var:
-        The stored running variance after ``steps`` updates (the preset's stored convention).
-    shift_ratio:
-        ``test_var / running_var`` (ratio of the means): the real variance over the recorded
-        one, what the layer experiences at test time; its standard error by the delta method.
-    """
-
-    test_var: float
-    test_var_se: float
-    running_var: float
-    running_var_se: float
-    shift_ratio: float
-    shift_ratio_se: float
-
-
-@dataclass(frozen=True)
 class SweepRow(GridPoint):
     """One row of the tidy sweep table: coordinates, closed forms, then (optionally) Monte Carlo.
 
@@ -395,12 +212,29 @@ class SweepResult:
     seed_entropy:
         The root entropy of the per-point random streams (``None`` without ``simulate``);
         passing it back as ``rng`` reproduces the run.
+    varying:
+        The axes with more than one value.
+    metadata:
+        Run metadata (set by :func:`run_sweep`).
     """
 
     config: SweepConfig
     rows: tuple[SweepRow, ...]
     seed_entropy: int | None = None
     varying: tuple[str, ...] = field(default=())
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def direct_ratios(
+        self, dropout: str, mean: float, var: float
+    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Case (a) — dropout directly before BN — at every rate of the sweep, sorted.
+
+        The contrast of a linear sweep's figures: what any width gives at ``rho = 0``.
+        Returns the rates and the shift ratios ``Delta``.
+        """
+        rates = tuple(sorted(self.config.rates))
+        drops = [Dropout(dropout, r, self.config.beta) for r in rates]
+        return rates, tuple(shift_direct(mean, var, d).ratio for d in drops)
 
     def records(self) -> list[dict[str, Any]]:
         """Rows as dicts in column order; the ``sim_*``/``z_*`` columns only when simulated."""
@@ -484,7 +318,7 @@ def grid_points(config: SweepConfig) -> Iterator[GridPoint]:
             width, d_eff = 1, 1.0
         elif d is None:
             width = w if w is not None else 1
-            d_eff = _clean(width * config.cos2)
+            d_eff = clean_number(width * config.cos2)
         else:
             width = w if w is not None else max(1, math.ceil(d - 1e-9))
             d_eff = d
@@ -522,113 +356,6 @@ def _closed_form(point: GridPoint, preset: Preset, config: SweepConfig) -> Sweep
         running_var_sd=t.running_var_sd,
         recorded_ratio=_ratio(t.test_var, t.running_var),
     )
-
-
-def _ratio(num: float, den: float) -> float:
-    if den == 0.0:
-        return math.nan if num == 0.0 else math.inf
-    return num / den
-
-
-def _seed_sequence(rng: np.random.Generator | int | None) -> np.random.SeedSequence:
-    """The root of the per-point streams: from an int seed, fresh entropy, or drawn from ``rng``."""
-    if isinstance(rng, np.random.Generator):
-        return np.random.SeedSequence(int(rng.integers(0, 2**63)))
-    return np.random.SeedSequence(rng)
-
-
-def map_points(
-    fn: Callable[[T], U],
-    tasks: Sequence[T],
-    *,
-    workers: int = 1,
-    progress: Progress | None = None,
-) -> list[U]:
-    """``[fn(t) for t in tasks]``, in order, over ``workers`` processes.
-
-    ``fn`` must be a module-level function and the tasks picklable. Workers are started with the
-    ``spawn`` method (no inherited threads or state), and results come back in task order
-    whatever the worker count; ``progress(done, total)`` is called as they arrive.
-    """
-    total = len(tasks)
-    report = progress or (lambda done, total: None)
-    report(0, total)
-    if workers <= 1 or total <= 1:
-        out = []
-        for i, task in enumerate(tasks):
-            out.append(fn(task))
-            report(i + 1, total)
-        return out
-    chunk = max(1, total // (workers * 16))
-    context = multiprocessing.get_context("spawn")
-    results = []
-    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=context) as pool:
-        for i, value in enumerate(pool.map(fn, tasks, chunksize=chunk)):
-            results.append(value)
-            report(i + 1, total)
-    return results
-
-
-@dataclass(frozen=True)
-class _SimTask:
-    """Everything one worker needs for one grid point: picklable, seeded per point."""
-
-    point: GridPoint
-    beta: float
-    momentum: float | str | None
-    steps: int
-    reps: int
-    seed: np.random.SeedSequence
-
-
-def simulate_point(task: _SimTask) -> SimStats:
-    """Monte Carlo at one grid point, drawing only from ``task.seed`` (module-level: picklable).
-
-    Runs :func:`varshift.engine.simulate.simulate` on synthetic normal inputs of the point's
-    mean and variance for ``steps`` updates.
-
-    * ``direct``: ``reps`` BN features, each with its own data column and noise, so they are
-      independent replicates; standard errors are their spread over ``sqrt(reps)``.
-    * ``linear``: one unit of the point's width, ``rho`` and ``cos²θ = D / width`` (units of
-      one layer share their inputs, so more of them would not be independent). Its standard
-      errors are the engine's noise band of the running variance combined with the sampling
-      noise of the finite dataset (``Var[s²] ≈ 2 var²/(N-1)``, exact for normal outputs).
-    """
-    p = task.point
-    linear = p.topology == "linear"
-    config = engine.SimConfig(
-        rate=p.rate,
-        dropout=p.dropout,
-        beta=task.beta,
-        preset=resolve_preset(p.framework, task.momentum),
-        batch_size=p.batch_size,
-        steps=task.steps,
-        features=1 if linear else task.reps,
-        mean=p.mean,
-        std=math.sqrt(p.var),
-        topology=p.topology,
-        width=p.width if linear else None,
-        rho=p.rho if linear else 0.0,
-        cos2=min(1.0, p.D / p.width) if linear else None,
-    )
-    result = engine.simulate(config, rng=np.random.default_rng(task.seed))
-    test = np.array([r.test_var for r in result.features], dtype=np.float64)
-    run = np.array([r.running_var for r in result.features], dtype=np.float64)
-    mt, mr = float(test.mean()), float(run.mean())
-    if linear:
-        (row,) = result.features
-        data = 2.0 / max(result.summary.rows - 1, 1)
-        st = mt * math.sqrt(data)
-        sr = math.sqrt(row.running_var_sd**2 + mr * mr * data)
-        cov = 0.0
-    else:
-        k = test.size
-        st, sr = float(test.std(ddof=1)) / math.sqrt(k), float(run.std(ddof=1)) / math.sqrt(k)
-        cov = float(np.cov(test, run, ddof=1)[0, 1]) / k
-    ratio = _ratio(mt, mr)
-    # Delta method for a ratio of means: Var(a/b) ≈ (a/b)² (Va/a² + Vb/b² - 2 Cab/(a b)).
-    rel = (st / mt) ** 2 + (sr / mr) ** 2 - 2 * cov / (mt * mr) if mt and mr else math.nan
-    return SimStats(mt, st, mr, sr, ratio, abs(ratio) * math.sqrt(max(rel, 0.0)))
 
 
 def _with_sim(row: SweepRow, sim: SimStats) -> SweepRow:
@@ -670,6 +397,8 @@ def sweep(
     ValidationError
         For an invalid axis value, or a grid larger than ``config.max_points`` without
         ``config.force``.
+    MissingDependencyError
+        For ``simulate=True`` while :mod:`varshift.engine.simulate` is not available.
 
     Examples
     --------
@@ -720,96 +449,97 @@ def _varying_axes(config: SweepConfig) -> tuple[str, ...]:
     return tuple(name for name, values in axes if len(values) > 1)
 
 
-# --- plot-ready data (no matplotlib here) -----------------------------------------------------
+# --- the job --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RateCurve:
-    """One curve of a shift-ratio-against-rate panel; ``sim``/``sim_se`` are optional points."""
-
-    label: str
-    rates: tuple[float, ...]
-    ratio: tuple[float, ...]
-    sim: tuple[float, ...] | None = None
-    sim_se: tuple[float, ...] | None = None
-
-
-@dataclass(frozen=True)
-class RatePanel:
-    """One panel: curves (one per width/D) and the case-(a) curve for contrast."""
-
-    title: str
-    curves: tuple[RateCurve, ...]
-    contrast: RateCurve | None = None
-
-
-@dataclass(frozen=True)
-class RateFigure:
-    """The panels of one shift-ratio figure; ``key`` tells it apart in a file name."""
-
-    key: str
-    title: str
-    panels: tuple[RatePanel, ...]
+def sweep_parameters(config: SweepConfig) -> dict[str, object]:
+    """The parameters block of the run metadata (no worker count: it changes nothing)."""
+    return {
+        "rates": list(config.rates),
+        "dropouts": list(config.dropouts),
+        "frameworks": list(config.frameworks),
+        "batch_sizes": list(config.batch_sizes),
+        "means": list(config.means),
+        "variances": list(config.variances),
+        "topology": config.topology,
+        "rhos": list(config.rhos),
+        "widths": list(config.widths),
+        "Ds": list(config.Ds),
+        "cos2": config.cos2,
+        "beta": config.beta,
+        "momentum": config.momentum,
+        "steps": config.steps,
+        "simulate": config.simulate,
+        "reps": config.reps if config.simulate else None,
+    }
 
 
-def _num(x: float) -> str:
-    return f"{x:g}"
+def run_sweep(
+    config: SweepConfig, seed: int | None = None, progress: Progress | None = None
+) -> SweepResult:
+    """:func:`sweep` with the run metadata (parameters, seed, seed entropy, point count).
 
-
-def rate_figures(result: SweepResult) -> list[RateFigure]:
-    """Group a sweep's rows into shift-ratio-against-rate figures.
-
-    One figure per (dropout, mean, var); one panel per ``rho``; one curve per (width, D). The
-    closed-form ratio does not depend on the framework or batch size, so only the first of each
-    is drawn. Each linear panel also carries case (a) — dropout directly before BN, which is
-    what any width gives at ``rho = 0`` — for contrast. Empty when fewer than two rates.
+    Examples
+    --------
+    >>> res = run_sweep(SweepConfig(rates=(0.2, 0.5)))
+    >>> res.metadata["command"], res.metadata["points"]
+    ('sweep', 2)
     """
-    config = result.config
-    if len(config.rates) < 2:
-        return []
-    fw, n = config.frameworks[0], config.batch_sizes[0]
-    rows = [r for r in result.rows if r.framework == fw and r.batch_size == n]
-    groups: dict[tuple[str, float, float], list[SweepRow]] = {}
-    for r in rows:
-        groups.setdefault((r.dropout, r.mean, r.var), []).append(r)
-    figures = []
-    for (drop, c, v), members in groups.items():
-        panels = []
-        by_rho: dict[float, list[SweepRow]] = {}
-        for r in members:
-            by_rho.setdefault(r.rho, []).append(r)
-        for rho, prow in by_rho.items():
-            curves = []
-            by_unit: dict[tuple[int, float], list[SweepRow]] = {}
-            for r in prow:
-                by_unit.setdefault((r.width, r.D), []).append(r)
-            for (width, d_eff), crow in by_unit.items():
-                crow = sorted(crow, key=lambda r: r.rate)
-                if config.topology == "direct":
-                    label = "dropout → BN"
-                elif config.widths and config.Ds:
-                    label = f"d = {width}, D = {_num(d_eff)}"
-                else:
-                    label = f"D = {_num(d_eff)}"
-                curves.append(
-                    RateCurve(
-                        label,
-                        tuple(r.rate for r in crow),
-                        tuple(r.shift_ratio for r in crow),
-                    )
-                )
-            contrast = None
-            if config.topology == "linear":
-                rates = tuple(sorted(config.rates))
-                drops = [Dropout(drop, r, config.beta) for r in rates]
-                contrast = RateCurve(
-                    "case (a): ρ = 0 at any D",
-                    rates,
-                    tuple(shift_direct(c, v, d).ratio for d in drops),
-                )
-            title = f"ρ = {_num(rho)}" if config.topology == "linear" else "dropout → BN"
-            panels.append(RatePanel(title, tuple(curves), contrast))
-        title = f"{drop} dropout, input mean {_num(c)}, variance {_num(v)}"
-        key = "" if len(groups) == 1 else f"{drop}_mean{_num(c)}_var{_num(v)}"
-        figures.append(RateFigure(key, title, tuple(panels)))
-    return figures
+    result = sweep(config, rng=seed, progress=progress)
+    meta = run_metadata(
+        "sweep",
+        sweep_parameters(config),
+        seed=seed,
+        seed_entropy=result.seed_entropy,
+        points=len(result.rows),
+    )
+    return replace(result, metadata=meta)
+
+
+def axes_config(
+    *,
+    rate: Sequence[str] | None = None,
+    dropout: Sequence[str] | None = None,
+    framework: Sequence[str] | None = None,
+    batch_size: Sequence[str] | None = None,
+    mean: Sequence[str] | None = None,
+    var: Sequence[str] | None = None,
+    std: Sequence[str] | None = None,
+    topology: str | None = None,
+    width: Sequence[str] | None = None,
+    D: Sequence[str] | None = None,
+    rho: Sequence[str] | None = None,
+    **settings: Any,
+) -> SweepConfig:
+    """A :class:`SweepConfig` from axis texts as the command line takes them (``--rate``...).
+
+    ``std`` replaces ``var`` (variances ``std²``); the topology defaults to ``linear`` when a
+    width, ``D`` or ``rho`` axis is given; ``settings`` are the other fields of the config.
+    """
+    if std is not None and var is not None:
+        raise ValidationError("give either --var or --std, not both")
+    if std is not None:
+        variances = tuple(check_range("--std", s, 0.0, None) ** 2 for s in parse_axis("--std", std))
+    else:
+        variances = parse_axis("--var", var or ["1"])
+    linear_axes = width is not None or D is not None or rho is not None
+    topo = topology if topology is not None else ("linear" if linear_axes else "direct")
+    if topo not in ("direct", "linear"):
+        raise ValidationError(f"--topology must be one of direct, linear; got {topology!r}")
+    if topo == "direct" and linear_axes:
+        raise ValidationError("--width, --D and --rho need --topology linear; got direct")
+    return SweepConfig(
+        rates=parse_axis("--rate", rate or ["0.1:0.9:0.1"]),
+        dropouts=parse_choices("--dropout", dropout or ["bernoulli"], DROPOUT_KINDS),
+        frameworks=parse_choices("--framework", framework or ["torch"], FRAMEWORKS),
+        batch_sizes=tuple(
+            int(b) for b in parse_axis("--batch-size", batch_size or ["32"], integer=True)
+        ),
+        means=parse_axis("--mean", mean or ["0"]),
+        variances=variances,
+        topology=topo,
+        rhos=parse_axis("--rho", rho or ["0"]),
+        widths=tuple(int(w) for w in parse_axis("--width", width, integer=True)) if width else (),
+        Ds=parse_axis("--D", D) if D else (),
+        **settings,
+    )

@@ -21,11 +21,12 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from varshift.core.errors import MissingDependencyError, OutputFileError
-from varshift.core.files import atomic_write
-from varshift.jobs.sweep import RateFigure
+from varshift.core.files import OutputPlan, atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from varshift.present.sweep import RateFigure
 
 _SVG_META: dict[str, Any] = {"Date": None, "Creator": None, "Format": None, "Type": None}
 _PNG_META: dict[str, Any] = {"Software": None}
@@ -86,7 +87,7 @@ def shift_vs_rate(data: RateFigure) -> Figure:
     Parameters
     ----------
     data:
-        What :func:`varshift.jobs.sweep.rate_figures` returns for one figure.
+        What :func:`varshift.present.sweep.rate_figures` returns for one figure.
     """
     n = len(data.panels)
     cols = min(n, 3)
@@ -433,9 +434,6 @@ def save_figure(fig: Figure, folder: Path, stem: str, *, force: bool = False) ->
     OutputFileError
         If a target exists and ``force`` is False, or the folder cannot be written.
     """
-    targets = [Path(folder) / f"{stem}.{ext}" for ext in ("png", "svg")]
-    if not force:
-        for t in targets:
-            if t.exists():
-                raise OutputFileError(f"{t}: already exists; pass --force to overwrite it")
+    paths = [Path(folder) / f"{stem}.{ext}" for ext in ("png", "svg")]
+    targets = OutputPlan(force=force).add_all(paths)
     return [atomic_write(t, figure_bytes(fig, t.suffix[1:]), force=True) for t in targets]

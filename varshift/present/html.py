@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from varshift.core.errors import ValidationError
 from varshift.core.files import atomic_write
 from varshift.present.report import format_value
+from varshift.present.table import Grid
 
 #: Tables longer than this show their first rows and say how many were left out.
 MAX_TABLE_ROWS = 2000
@@ -63,9 +62,10 @@ class Figure:
 
 @dataclass(frozen=True)
 class Table:
-    """A table from a DataFrame, shown with the reports' cell format."""
+    """A table from a :class:`~varshift.present.table.Grid` or a DataFrame, shown with the
+    reports' cell format."""
 
-    frame: pd.DataFrame
+    frame: Any
     caption: str = ""
 
 
@@ -89,8 +89,9 @@ def _check_svg(svg: str) -> str:
     return text
 
 
-def table_html(df: pd.DataFrame, caption: str = "", max_rows: int = MAX_TABLE_ROWS) -> str:
+def table_html(df: Any, caption: str = "", max_rows: int = MAX_TABLE_ROWS) -> str:
     """An escaped ``<table>`` of ``df`` (numbers right-aligned, text left)."""
+    df = Grid.of(df)
     shown = df.head(max_rows)
     note = ""
     if len(df) > max_rows:
@@ -102,7 +103,7 @@ def table_html(df: pd.DataFrame, caption: str = "", max_rows: int = MAX_TABLE_RO
         "<thead><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns) + "</tr>"
         "</thead><tbody>"
     )
-    for row in shown.itertuples(index=False, name=None):
+    for row in shown:
         cells = []
         for v in row:
             cls = "" if isinstance(v, int | float) and not isinstance(v, bool) else ' class="text"'

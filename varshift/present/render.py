@@ -1,19 +1,24 @@
-"""Terminal rendering: Rich tables on stdout, progress and messages on stderr."""
+"""Terminal rendering: Rich tables on stdout, progress and messages on stderr.
+
+Rich is imported when something is drawn on a terminal or a message is printed, not at
+import time: a command whose output is piped never loads it.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-
-import pandas as pd
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from varshift.present.report import format_value
+from varshift.present.table import Grid
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 #: Progress callback the library accepts: ``callback(done, total)``.
 ProgressCallback = Callable[[int, int], None]
@@ -21,31 +26,61 @@ ProgressCallback = Callable[[int, int], None]
 
 def stdout_console(width: int | None = None) -> Console:
     """The console results go to."""
+    from rich.console import Console
+
     return Console(file=sys.stdout, width=width, soft_wrap=False)
 
 
 def stderr_console(quiet: bool = False) -> Console:
     """The console messages go to; silent when ``quiet``."""
+    from rich.console import Console
+
     return Console(file=sys.stderr, quiet=quiet, soft_wrap=True)
 
 
+def message(text: str, quiet: bool = False) -> None:
+    """Print ``text`` and a newline on stderr as it is (no markup), unless ``quiet``."""
+    if not quiet:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
 def frame_table(
-    df: pd.DataFrame,
+    df: Any,
     title: str | None = None,
     caption: str | None = None,
     right_align_numbers: bool = True,
+    *,
+    compact: bool = False,
 ) -> Table:
-    """A Rich table of ``df`` with the report's canonical cell format."""
+    """A Rich table of ``df`` (a :class:`Grid` or a DataFrame) with the report's cell format.
+
+    ``compact``: no vertical rules and a first column at least 7 wide (13 columns fit in 120).
+    """
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    grid = Grid.of(df)
     table = Table(title=title, caption=caption, show_lines=False, header_style="bold")
-    for col in df.columns:
+    for col in grid.columns:
         numeric = right_align_numbers and all(
             v is None or (isinstance(v, int | float) and not isinstance(v, bool))
-            for v in df[col].tolist()
+            for v in grid.column(col)
         )
         table.add_column(escape(str(col)), justify="right" if numeric else "left", no_wrap=numeric)
-    for row in df.itertuples(index=False, name=None):
+    for row in grid:
         table.add_row(*(escape(format_value(v)) or "—" for v in row))
+    if compact:
+        table.box = box.SIMPLE_HEAD
+        table.columns[0].min_width = 7
     return table
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr may be a terminal for Rich (a tty, or an environment that forces one)."""
+    forced = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+    return sys.stderr.isatty() or any(os.environ.get(k) for k in forced)
 
 
 @contextmanager
@@ -57,10 +92,21 @@ def progress_bar(
     The bar appears only if the work is still running after ``delay`` seconds, so short runs
     print nothing; it never appears when ``quiet`` or when stderr is not a terminal.
     """
-    console = stderr_console(quiet)
-    if quiet or not console.is_terminal:
+    if quiet or not stderr_is_terminal():
         yield lambda done, total: None
         return
+    console = stderr_console(quiet)
+    if not console.is_terminal:
+        yield lambda done, total: None
+        return
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     start = time.monotonic()
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),

@@ -13,12 +13,17 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+from varshift.core.errors import ValidationError
+from varshift.core.files import OutputPlan, atomic_write
+from varshift.present.table import Grid
 
-from varshift.core.errors import OutputFileError, ValidationError
-from varshift.core.files import atomic_write
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: What the renderers accept: a :class:`Grid` or a ``pandas.DataFrame``.
+Tabular = Any
 
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "md")
 
@@ -27,9 +32,19 @@ FLOAT_FORMAT = "{:.10g}"
 
 
 def to_frame(rows: Iterable[Any]) -> pd.DataFrame:
-    """One row per dataclass instance or mapping, columns in field order."""
+    """One row per dataclass instance or mapping, columns in field order (a DataFrame).
+
+    The command line renders :func:`to_table` instead, which needs no pandas.
+    """
+    import pandas as pd
+
     records = [asdict(r) if is_dataclass(r) and not isinstance(r, type) else dict(r) for r in rows]
     return pd.DataFrame.from_records(records)
+
+
+def to_table(rows: Iterable[Any]) -> Grid:
+    """One row per dataclass instance or mapping, as a :class:`Grid` typed like :func:`to_frame`."""
+    return Grid.from_records(rows)
 
 
 def format_value(value: Any) -> str:
@@ -61,18 +76,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+def frame_records(df: Tabular) -> list[dict[str, Any]]:
     """Rows as JSON-ready dicts (floats rounded to :data:`FLOAT_FORMAT`, NaN → null)."""
-    return [
-        {str(k): _jsonable(v) for k, v in zip(df.columns, row, strict=True)}
-        for row in df.itertuples(index=False, name=None)
-    ]
+    grid = Grid.of(df)
+    return [{k: _jsonable(v) for k, v in zip(grid.columns, row, strict=True)} for row in grid]
 
 
-def to_csv(df: pd.DataFrame) -> str:
+def to_csv(df: Tabular) -> str:
     """CSV text with the canonical cell format and ``\\n`` line endings."""
-    lines = [",".join(_csv_cell(str(c)) for c in df.columns)]
-    for row in df.itertuples(index=False, name=None):
+    grid = Grid.of(df)
+    lines = [",".join(_csv_cell(c) for c in grid.columns)]
+    for row in grid:
         lines.append(",".join(_csv_cell(format_value(v)) for v in row))
     return "\n".join(lines) + "\n"
 
@@ -83,24 +97,28 @@ def _csv_cell(text: str) -> str:
     return text
 
 
-def to_markdown(df: pd.DataFrame, title: str | None = None) -> str:
-    """A GitHub-flavoured Markdown table (via pandas/tabulate) with the canonical cell format."""
-    shown = df.copy()
-    for col in shown.columns:
-        shown[col] = [format_value(v) for v in shown[col]]
-    body = shown.to_markdown(index=False, disable_numparse=True)
+def to_markdown(df: Tabular, title: str | None = None) -> str:
+    """A GitHub-flavoured Markdown table (via tabulate) with the canonical cell format."""
+    from tabulate import tabulate
+
+    grid = Grid.of(df)
+    cells = [[format_value(v) for v in row] for row in grid]
+    # What DataFrame.to_markdown(index=False) passes to tabulate.
+    body = tabulate(
+        cells, headers=list(grid.columns), tablefmt="pipe", showindex=False, disable_numparse=True
+    )
     head = f"## {title}\n\n" if title else ""
     return f"{head}{body}\n"
 
 
-def to_json(df: pd.DataFrame, metadata: Mapping[str, Any] | None = None) -> str:
+def to_json(df: Tabular, metadata: Mapping[str, Any] | None = None) -> str:
     """``{"metadata": ..., "rows": [...]}`` with sorted metadata keys and 2-space indent."""
     doc = {"metadata": _jsonable(dict(metadata or {})), "rows": frame_records(df)}
     return json.dumps(doc, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def render_text(
-    df: pd.DataFrame, fmt: str, metadata: Mapping[str, Any] | None = None, title: str | None = None
+    df: Tabular, fmt: str, metadata: Mapping[str, Any] | None = None, title: str | None = None
 ) -> str:
     """The text of ``df`` in a machine format: ``csv``, ``json`` or ``md``."""
     if fmt == "csv":
@@ -112,8 +130,32 @@ def render_text(
     raise ValidationError(f"format must be one of csv, json, md for text output; got {fmt!r}")
 
 
+def report_texts(
+    df: Tabular,
+    metadata: Mapping[str, Any],
+    *,
+    title: str | None = None,
+    formats: Sequence[str] = ("csv", "md", "json"),
+) -> list[str]:
+    """The text of each report file: the table in each format; Markdown ends with the metadata."""
+    texts = []
+    for fmt in formats:
+        text = render_text(df, fmt, metadata, title)
+        if fmt == "md":
+            text = text + "\n" + _metadata_markdown(metadata)
+        texts.append(text)
+    return texts
+
+
+def report_paths(
+    folder: Path, stem: str, formats: Sequence[str] = ("csv", "md", "json")
+) -> list[Path]:
+    """``<folder>/<stem>.<format>`` for each format."""
+    return [Path(folder) / f"{stem}.{fmt}" for fmt in formats]
+
+
 def write_report(
-    df: pd.DataFrame,
+    df: Tabular,
     folder: Path,
     stem: str,
     metadata: Mapping[str, Any],
@@ -124,20 +166,12 @@ def write_report(
 ) -> list[Path]:
     """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.json`` under ``folder``; return the paths.
 
-    All targets are checked before any is written, so a refusal leaves nothing half-done.
+    All targets are checked before any is written (:class:`~varshift.core.files.OutputPlan`),
+    so a refusal leaves nothing half-done.
     """
-    targets = [Path(folder) / f"{stem}.{fmt}" for fmt in formats]
-    if not force:
-        for t in targets:
-            if t.exists():
-                raise OutputFileError(f"{t}: already exists; pass --force to overwrite it")
-    written = []
-    for fmt, target in zip(formats, targets, strict=True):
-        text = render_text(df, fmt, metadata, title)
-        if fmt == "md":
-            text = text + "\n" + _metadata_markdown(metadata)
-        written.append(atomic_write(target, text, force=True))
-    return written
+    targets = OutputPlan(force=force).add_all(report_paths(folder, stem, formats))
+    texts = report_texts(df, metadata, title=title, formats=formats)
+    return [atomic_write(t, text, force=True) for t, text in zip(targets, texts, strict=True)]
 
 
 def _metadata_markdown(metadata: Mapping[str, Any]) -> str:

@@ -1,0 +1,236 @@
+"""Jobs on checkpoint files: :func:`inspect_file` and :func:`correct_file` (read → correct →
+write), each returning a frozen result with its run metadata.
+
+The corrected file is written through the one writer after every output of the job was
+planned (:class:`~varshift.core.files.OutputPlan`): never over the input (also through a link),
+never over an existing file without ``force``. The report file is planned here and rendered by
+the presentation layer (:mod:`varshift.present.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from varshift.core.errors import InputFileError, ValidationError
+from varshift.core.files import OutputPlan
+from varshift.core.presets import Preset, resolve_preset
+from varshift.formats import BNStats, format_from_extension, read_stats, write_stats
+from varshift.jobs._meta import run_metadata
+from varshift.jobs.correct import (
+    CorrectionConfig,
+    CorrectionResult,
+    LayerCorrection,
+    LayerInspection,
+    correct_stats,
+    inspect_stats,
+    parse_layer_rule,
+)
+
+__all__ = [
+    "CorrectJob",
+    "CorrectResult",
+    "InspectResult",
+    "correct_file",
+    "inspect_file",
+]
+
+#: Formats of the correct report, by file extension.
+REPORT_FORMATS: tuple[str, ...] = ("json", "csv", "md")
+
+
+def _require_layers(stats: BNStats) -> None:
+    if not stats.layers:
+        raise InputFileError(
+            f"{stats.where}: no BatchNorm statistics found (looked for running_mean/running_var, "
+            "moving_mean/moving_variance or mean/var keys, or Keras batch_normalization layers)"
+        )
+
+
+def _framework(stats: BNStats, option: str | None) -> tuple[str, tuple[str, ...]]:
+    """The framework given, else what the file implies, else torch with a note."""
+    if option is not None:
+        return option, ()
+    if stats.framework is not None:
+        return stats.framework, ()
+    note = (
+        f"note: {stats.where} does not say which framework wrote it; assuming torch "
+        "conventions (unbiased stored variance, momentum 0.1); pass --framework to change"
+    )
+    return "torch", (note,)
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """One row per BatchNorm layer of a file, the convention used, notes and metadata."""
+
+    file: Path
+    format: str
+    preset: Preset
+    rows: tuple[LayerInspection, ...]
+    notes: tuple[str, ...]
+    metadata: Mapping[str, Any]
+
+    @property
+    def flagged(self) -> int:
+        """Layers with at least one flag."""
+        return sum(bool(r.flags) for r in self.rows)
+
+
+def inspect_file(
+    path: Path, framework: str | None = None, momentum: float | str | None = "default"
+) -> InspectResult:
+    """Read a checkpoint's BatchNorm statistics and summarise each layer.
+
+    ``framework``: the convention that stored them (default: what the file implies, else
+    torch, with a note); ``momentum`` in that framework's own meaning.
+
+    Raises
+    ------
+    InputFileError
+        The file cannot be read or holds no BatchNorm statistics.
+    """
+    path = Path(path)
+    stats = read_stats(path)
+    _require_layers(stats)
+    name, notes = _framework(stats, framework)
+    preset = resolve_preset(name, momentum)
+    rows = inspect_stats(stats, preset)
+    params = {
+        "file": path.name,
+        "format": stats.format,
+        "container": stats.container,
+        "framework": preset.name,
+        "momentum": preset.momentum,
+    }
+    return InspectResult(path, stats.format, preset, rows, notes, run_metadata("inspect", params))
+
+
+@dataclass(frozen=True)
+class CorrectJob:
+    """One ``correct`` run.
+
+    Attributes
+    ----------
+    file:
+        The checkpoint or statistics file; never modified.
+    output:
+        The corrected file (its format follows the extension, else the input's); ``None`` for
+        a dry run, which writes nothing.
+    rate, layers, exclude:
+        The rate for every layer, ``PATTERN=RATE`` rules (texts), globs of layers to leave.
+    dropout, beta, framework, batch_size, method, target:
+        See :class:`varshift.jobs.correct.CorrectionConfig`; ``framework`` ``None``: what the
+        file implies, else torch.
+    report:
+        The report file (``.json``, ``.csv`` or ``.md``): planned with the output, written by
+        the presentation layer; ``None``: no report.
+    force:
+        Replace existing outputs.
+    """
+
+    file: Path
+    output: Path | None = None
+    rate: float | None = None
+    layers: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    dropout: str = "bernoulli"
+    beta: float = 0.1
+    framework: str | None = None
+    batch_size: int | None = None
+    method: str = "debiased"
+    target: str = "framework"
+    report: Path | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class CorrectResult:
+    """The correction of one file: per-layer rows, corrected statistics, what was written."""
+
+    job: CorrectJob
+    config: CorrectionConfig
+    correction: CorrectionResult
+    format: str
+    written: tuple[Path, ...]
+    notes: tuple[str, ...]
+    metadata: Mapping[str, Any]
+
+    @property
+    def rows(self) -> tuple[LayerCorrection, ...]:
+        """One :class:`~varshift.jobs.correct.LayerCorrection` per layer."""
+        return self.correction.rows
+
+
+def default_report(output: Path) -> Path:
+    """``OUTPUT.report.json``."""
+    return output.with_name(output.name + ".report.json")
+
+
+def correct_file(job: CorrectJob, plan: OutputPlan | None = None) -> CorrectResult:
+    """Read ``job.file``, correct its statistics, and write the corrected file.
+
+    ``plan`` holds the outputs the caller planned already (figures, a page); the job's output
+    and report are checked against them and against the input before anything is written.
+
+    Raises
+    ------
+    InputFileError, ValidationError, OutputFileError
+        Unreadable input or inconsistent statistics; invalid parameters; an output that is the
+        input, exists without ``force``, or cannot be written.
+    """
+    stats = read_stats(job.file)
+    _require_layers(stats)
+    name, notes = _framework(stats, job.framework)
+    config = CorrectionConfig(
+        rate=job.rate,
+        rules=tuple(parse_layer_rule(text) for text in job.layers),
+        exclude=job.exclude,
+        dropout=job.dropout,
+        beta=job.beta,
+        preset=resolve_preset(name),
+        batch_size=job.batch_size,
+        method=job.method,
+        target=job.target,
+    )
+    fmt = stats.format
+    if job.output is not None:
+        fmt = format_from_extension(job.output) or stats.format
+        _plan_outputs(job, plan or OutputPlan([job.file], force=job.force))
+    correction = correct_stats(stats, config)
+    written: tuple[Path, ...] = ()
+    if job.output is not None:
+        written = (write_stats(correction.stats, job.output, fmt, force=True),)
+    meta = run_metadata(
+        "correct", _parameters(job, stats, config), warnings=list(correction.warnings)
+    )
+    return CorrectResult(job, config, correction, fmt, written, notes, meta)
+
+
+def _plan_outputs(job: CorrectJob, plan: OutputPlan) -> None:
+    assert job.output is not None
+    report = job.report
+    if report is not None and report.suffix.lower().lstrip(".") not in REPORT_FORMATS:
+        raise ValidationError(f"--report must end in .json, .csv or .md; got {report.name!r}")
+    plan.add(job.output)
+    if report is not None:
+        plan.add(report)
+
+
+def _parameters(job: CorrectJob, stats: BNStats, config: CorrectionConfig) -> dict[str, object]:
+    return {
+        "file": job.file.name,
+        "format": stats.format,
+        "output": job.output.name if job.output is not None else None,
+        "rate": job.rate,
+        "layer": list(job.layers),
+        "exclude": list(job.exclude),
+        "dropout": config.dropout,
+        "beta": job.beta if config.dropout == "uout" else None,
+        "framework": config.preset.name,
+        "batch_size": job.batch_size,
+        "method": config.method,
+        "target": config.target,
+    }

@@ -1,0 +1,82 @@
+"""``run_theory``: the closed forms of :mod:`varshift.core.theory` as a job with its metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from varshift.core.errors import ValidationError
+from varshift.core.theory import TheoryConfig, TheoryRow, theory_table
+from varshift.core.validate import check_range
+from varshift.jobs._meta import run_metadata
+
+__all__ = ["TheoryConfig", "TheoryResult", "input_variance", "run_theory"]
+
+
+@dataclass(frozen=True)
+class TheoryResult:
+    """The closed forms for each rate of ``config``, and the run metadata built from it."""
+
+    config: TheoryConfig
+    rows: tuple[TheoryRow, ...]
+    metadata: Mapping[str, Any]
+
+
+def input_variance(
+    var: float | None, std: float | None, *, names: tuple[str, str] = ("var", "std")
+) -> float:
+    """The input variance from ``var`` or ``std`` (``std**2``); 1 when neither is given.
+
+    ``names`` are how the two are called in messages (the command line passes its options).
+
+    Examples
+    --------
+    >>> input_variance(None, 2.0)
+    4.0
+    """
+    if std is not None and var is not None:
+        raise ValidationError(f"give either {names[0]} or {names[1]}, not both")
+    if std is not None:
+        return check_range(names[1].lstrip("-"), std, 0.0, None) ** 2
+    return 1.0 if var is None else var
+
+
+def run_theory(config: TheoryConfig) -> TheoryResult:
+    """Evaluate :func:`varshift.core.theory.theory_table` for ``config``, with its metadata.
+
+    Raises
+    ------
+    ValidationError
+        For an invalid parameter, or both ``D`` and ``cos2``.
+
+    Examples
+    --------
+    >>> res = run_theory(TheoryConfig(rates=(0.5,)))
+    >>> res.rows[0].shift_ratio, res.metadata["command"]
+    (0.5, 'theory')
+    """
+    if config.D is not None and config.cos2 is not None:
+        raise ValidationError("give either D or cos2, not both")
+    rows = tuple(theory_table(config))
+    return TheoryResult(config, rows, run_metadata("theory", _parameters(config)))
+
+
+def _parameters(config: TheoryConfig) -> dict[str, object]:
+    preset = config.preset
+    return {
+        "rates": list(config.rates),
+        "mean": config.mean,
+        "var": config.var,
+        "dropout": config.dropout,
+        "beta": config.beta,
+        "topology": config.topology,
+        "width": config.width,
+        "rho": config.rho,
+        "cos2": config.cos2,
+        "D": config.D,
+        "framework": preset.name if preset else None,
+        "momentum": preset.momentum if preset else None,
+        "batch_size": config.batch_size,
+        "steps": config.steps,
+    }
