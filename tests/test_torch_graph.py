@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 from varshift.frameworks.torch.graph import UNTRACEABLE, ModuleRef, classify  # noqa: E402
 
 nn = torch.nn
+BATCH = ({0: torch.export.Dim("batch")},)  # export with a free batch size
 F = torch.nn.functional
 
 
@@ -158,7 +159,7 @@ def test_exported_archive_gives_the_same_classes(tmp_path: Path) -> None:
 
     for factory in (stacked_net, linear_net):
         net = factory().eval()
-        program = torch.export.export(net, (torch.randn(8, 64),))
+        program = torch.export.export(net, (torch.randn(8, 64),), dynamic_shapes=BATCH)
         torch.export.save(program, tmp_path / "net.pt2")
         loaded = load_model(tmp_path / "net.pt2")
         assert not loaded.runs_code

@@ -16,6 +16,7 @@ from varshift import __version__
 from varshift.cli._common import app
 from varshift.cli.cmd_check import check
 from varshift.cli.cmd_correct import correct, inspect
+from varshift.cli.cmd_diagnose import diagnose, recalibrate  # noqa: F401 (registers them)
 from varshift.cli.cmd_simulate import simulate
 from varshift.cli.cmd_suite import suite
 from varshift.cli.cmd_sweep import sweep

@@ -75,6 +75,9 @@ class LoadedModel:
         The checkpoint object as loaded (tensors only), rewritten with new BN buffers on save.
     exported:
         The ``torch.export.ExportedProgram`` of a ``.pt2`` archive, else ``None``.
+    archive:
+        The ``.pt2`` file it came from (re-read when writing: a deep copy of an exported
+        program no longer validates), else ``None``.
     """
 
     module: nn.Module
@@ -84,6 +87,7 @@ class LoadedModel:
     container: tuple[str, ...] = ()
     original: Any = None
     exported: Any = None
+    archive: Path | None = None
 
 
 def is_export_archive(text: str | Path) -> bool:
@@ -142,7 +146,14 @@ def load_model(
         state = state[key]
     load_state_strict(loaded.module, state, path, loaded.source)
     return LoadedModel(
-        loaded.module, loaded.source, loaded.runs_code, path, container, original, loaded.exported
+        loaded.module,
+        loaded.source,
+        loaded.runs_code,
+        path,
+        container,
+        original,
+        loaded.exported,
+        loaded.archive,
     )
 
 
@@ -223,7 +234,8 @@ def _load_export(path: Path) -> LoadedModel:
         raise InputFileError(
             f"{path}: not a readable torch.export archive: {first_line(exc)}"
         ) from None
-    return LoadedModel(module_from_export(program), path.name, runs_code=False, exported=program)
+    module = module_from_export(program)
+    return LoadedModel(module, path.name, runs_code=False, exported=program, archive=path)
 
 
 class _ExportedBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -361,8 +373,8 @@ def checkpoint_bytes(loaded: LoadedModel, module: nn.Module) -> bytes:
         if t is not None
     }
     buffer = io.BytesIO()
-    if loaded.exported is not None and loaded.original is None:
-        program = copy.deepcopy(loaded.exported)
+    if loaded.archive is not None and loaded.original is None:
+        program = torch.export.load(loaded.archive)
         for key, value in buffers.items():
             if key in program.state_dict:
                 program.state_dict[key].copy_(value)

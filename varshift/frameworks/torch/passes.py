@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,6 +71,14 @@ SHIFT_TOL = 0.05
 REBAKE_TOL = 0.05
 
 # --- diagnose ----------------------------------------------------------------------------------
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy; torch's own deprecation warning from copying an exported GraphModule's
+    tree specs (``LeafSpec``) is not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(model)
 
 
 def _check_has_bn(model: nn.Module) -> dict[str, BatchNorm]:
@@ -336,7 +345,7 @@ def correct_data_free(model: nn.Module, graph: ModelGraph) -> tuple[nn.Module, t
     """A copy with today's data-free direct formula applied to every layer with a dropout
     upstream (its nearest dropout's rate), as ``varshift correct`` would: exact only for
     ``direct`` layers. Channels that come out ≤ 0 are set to the layer's eps."""
-    out = copy.deepcopy(model)
+    out = _copy(model)
     bns = batchnorm_layers(out)
     preset = resolve_preset("torch")
     notes = []
@@ -362,7 +371,7 @@ def update_bn_like(model: nn.Module, batches: Any) -> nn.Module:
     """A copy recalibrated as ``torch.optim.swa_utils.update_bn`` does: statistics reset,
     ``momentum=None`` (cumulative average of unbiased batch variances), every module in
     training mode — dropout **on**, so the shift is recorded again."""
-    out = copy.deepcopy(model)
+    out = _copy(model)
     bns = batchnorm_layers(out)
     momenta = {}
     for name, m in bns.items():
@@ -427,7 +436,7 @@ def recalibrate(
     _check_has_bn(model)
     data = as_batches(batches, labels)
     graph = classify(model)
-    out = copy.deepcopy(model)
+    out = _copy(model)
     bns_all = batchnorm_layers(out)
     bns = {n: m for n, m in bns_all.items() if m.track_running_stats and m.running_var is not None}
     if not bns:

@@ -244,7 +244,8 @@ def forward(model: nn.Module, x: torch.Tensor, place: tuple[torch.device, torch.
         return model(x)
     except _StopForward:
         raise
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
+        # AssertionError: a torch.export guard (e.g. an archive exported for one batch size)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValidationError(
             f"data: the model rejects a batch of shape {tuple(x.shape)} and dtype "
