@@ -247,3 +247,23 @@ def test_bad_data_is_one_clear_error(batches: Any, labels: Any, message: str) ->
 def test_a_model_without_batchnorm_is_refused() -> None:
     with pytest.raises(ValidationError, match="no BatchNorm layer"):
         recalibrate(nn.Sequential(nn.Linear(64, 10)), torch.zeros((4, 64)))
+
+
+def test_through_linear_prediction_is_the_dropout_term_of_design_5() -> None:
+    net = trained("linear")
+    x, _ = digits()
+    report = diagnose(net, x, dropout_on=False)
+    none, through = report.layers
+    assert (none.path.kind, none.predicted_ratio) == ("none", None)
+    assert through.path.kind == "through-linear" and through.predicted_ratio is not None
+    # Var_train = Var_test + (1/q - 1) sum_j W_kj² E[x_j²], x = the dropout's input (eval).
+    seen: list[Any] = []
+    handle = net[3].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        net.eval()(x)
+    handle.remove()
+    ex2 = (seen[0].double() ** 2).mean(dim=0).numpy()
+    w2 = net[4].weight.detach().double().numpy() ** 2
+    v = through.eval_var
+    want = (v + (1 / 0.5 - 1) * (w2 @ ex2)) / v
+    np.testing.assert_allclose(through.predicted_ratio, want, rtol=1e-6)

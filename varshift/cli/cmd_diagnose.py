@@ -156,7 +156,8 @@ def diagnose(
     Runs the model on the data with dropout off (`eval()`) and measures, per BatchNorm and
     channel, the mean and variance the layer really sees at test time; compares them with the
     stored running statistics (`shift_ratio` = stored/eval variance: median, min, max over
-    channels) and, for a layer directly after dropout, with the closed-form prediction. Each
+    channels) and with the closed-form prediction where one exists (direct, and dropout →
+    Linear → BN). Each
     layer's class comes from the model graph: direct, through-linear, stacked (noise further
     up), none, or unknown (untraceable). Flags: shifted, shift re-baked (stored matches the
     dropout-on statistics, as training and update_bn leave them), unconverged, initial values,

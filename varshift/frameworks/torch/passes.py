@@ -69,6 +69,10 @@ METHODS: tuple[str, ...] = ("topological", "single-pass")
 #: ``shift re-baked`` (what training, update_bn and PreciseBN hooks leave).
 SHIFT_TOL = 0.05
 REBAKE_TOL = 0.05
+#: Accumulator key prefix of a dropout whose input a through-linear prediction needs.
+_PROBE = "dropout input of "
+
+FloatArray = np.ndarray[Any, np.dtype[np.float64]]
 
 # --- diagnose ----------------------------------------------------------------------------------
 
@@ -125,13 +129,19 @@ def _dropout_on_pass(
 
 
 def _predicted(
-    path: Any, mean: np.ndarray[Any, Any], var: np.ndarray[Any, Any]
-) -> np.ndarray[Any, Any] | None:
-    """Closed-form stored/eval variance ratio per channel where one exists (direct layers).
+    path: Any, mean: FloatArray, var: FloatArray, extra: FloatArray | None
+) -> FloatArray | None:
+    """Closed-form stored/eval variance ratio per channel where one exists.
 
-    Case (a) (Li et al. eq. 4–6): ``Var_train / Var_test`` of :func:`shift_direct` with the
-    measured eval-mode mean and variance of the dropout output, which the BN sees.
+    Direct: case (a) (Li et al. eq. 4–6), ``Var_train / Var_test`` of :func:`shift_direct`
+    with the measured eval-mode mean and variance of the dropout output, which the BN sees.
+    Through-linear (element-wise dropout → ``nn.Linear``): ``(v + extra) / v`` with the
+    dropout term ``extra_k = (kappa - 1) sum_j W_kj² E[x_j²]`` (DESIGN §5), ``E[x²]`` of the
+    dropout input measured in the same pass.
     """
+    if path.kind == "through-linear" and extra is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.asarray((var + extra) / var, dtype=np.float64)
     if path.kind != "direct" or path.dropout is None:
         return None
     dropout = path.dropout.as_dropout()
@@ -141,6 +151,33 @@ def _predicted(
             for c, v in zip(mean, var, strict=True)
         ]
     )
+
+
+def _linear_probes(model: nn.Module, graph: ModelGraph) -> dict[str, tuple[nn.Module, Any]]:
+    """Through-linear layers with an element-wise bernoulli dropout and an ``nn.Linear``:
+    BN name → (the dropout module, whose input is measured, and the Linear)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for path in graph.layers:
+        d, lin = path.dropout, path.linear
+        if path.kind != "through-linear" or d is None or lin is None:
+            continue
+        dropout, linear = modules.get(d.name), modules.get(lin.name)
+        if d.kind == "bernoulli" and not d.channelwise and isinstance(linear, nn.Linear):
+            assert dropout is not None
+            out[path.layer] = (dropout, linear)
+    return out
+
+
+def _dropout_term(probe: tuple[nn.Module, Any], moments: ChannelMoments, rate: float) -> Any:
+    """``(kappa - 1) W² E[x²]`` per output of the Linear, or ``None`` if shapes disagree."""
+    _, linear = probe
+    if moments.mean is None or moments.mean.numel() != linear.in_features:
+        return None
+    ex2 = moments.population_var() + moments.mean**2
+    weight = linear.weight.detach().to(device=ex2.device, dtype=torch.float64)
+    kappa = Dropout("bernoulli", rate).kappa
+    return _np((kappa - 1.0) * (weight**2 @ ex2))
 
 
 def _flags(
@@ -212,52 +249,64 @@ def diagnose(
     data = as_batches(batches, labels)
     graph = classify(model)
     audit = mode_audit(model)
+    probes = _linear_probes(model, graph)
+    measure: dict[str, nn.Module] = {**bns, **{f"{_PROBE}{n}": p[0] for n, p in probes.items()}}
     sums = ScoreSums()
     with all_eval(model):
         acc, order, samples = data_pass(
-            model, data, bns, ChannelMoments, scores=sums, progress=progress, label="eval"
+            model, data, measure, ChannelMoments, scores=sums, progress=progress, label="eval"
         )
     on = _dropout_on_pass(model, data, bns, progress) if dropout_on else {}
     paths = graph.by_name()
-    names = order + [n for n in bns if n not in order]
+    names = [n for n in order if n in bns] + [n for n in bns if n not in order]
     if graph.traced:
         names = [p.layer for p in graph.layers if p.layer in bns]
     layers = []
     for name in names:
-        m, moments = bns[name], acc[name]
-        if moments.mean is None:
+        if acc[name].mean is None:
             continue  # never called in forward
         path = paths[name]
-        mean, var = _np(moments.mean), _np(moments.population_var())
-        assert mean is not None and var is not None
+        extra = None
+        if name in probes and path.dropout is not None:
+            extra = _dropout_term(probes[name], acc[f"{_PROBE}{name}"], path.dropout.rate)
         on_var = _np(on[name].value()) if name in on else None
-        tracked = m.track_running_stats and m.running_var is not None
-        stored_mean = _np(m.running_mean) if tracked else None
-        stored_var = _np(m.running_var) if tracked else None
-        count = m.num_batches_tracked
-        layers.append(
-            LayerDiagnosis(
-                path=path,
-                channels=int(mean.size),
-                eps=float(m.eps),
-                momentum=m.momentum,
-                num_batches_tracked=None if count is None else int(count),
-                stored_mean=stored_mean,
-                stored_var=stored_var,
-                eval_mean=mean,
-                eval_var=var,
-                count=moments.count,
-                dropout_on_var=on_var,
-                predicted_ratio=_predicted(path, mean, var),
-                flags=_flags(path, m, stored_var, var, on_var, audit),
-            )
-        )
+        layers.append(_layer(path, bns[name], acc[name], on_var, extra, audit))
     warnings = _graph_warnings(graph) + tuple(
         f"{n}: still in training mode after model.eval()" for n in audit
     )
     scored = sums.scores("as saved") if sums.n else None
     return DiagnoseResult(
         tuple(layers), scored, graph, audit, samples, _count_batches(data), warnings
+    )
+
+
+def _layer(
+    path: Any,
+    m: Any,
+    moments: ChannelMoments,
+    on_var: FloatArray | None,
+    extra: FloatArray | None,
+    audit: tuple[str, ...],
+) -> LayerDiagnosis:
+    mean, var = _np(moments.mean), _np(moments.population_var())
+    assert mean is not None and var is not None
+    tracked = m.track_running_stats and m.running_var is not None
+    stored_var = _np(m.running_var) if tracked else None
+    count = m.num_batches_tracked
+    return LayerDiagnosis(
+        path=path,
+        channels=int(mean.size),
+        eps=float(m.eps),
+        momentum=m.momentum,
+        num_batches_tracked=None if count is None else int(count),
+        stored_mean=_np(m.running_mean) if tracked else None,
+        stored_var=stored_var,
+        eval_mean=mean,
+        eval_var=var,
+        count=moments.count,
+        dropout_on_var=on_var,
+        predicted_ratio=_predicted(path, mean, var, extra),
+        flags=_flags(path, m, stored_var, var, on_var, audit),
     )
 
 
