@@ -9,7 +9,7 @@ grow with the data.
 
 Usage::
 
-    python bench/bench_torch.py [--repeat 5] [--threads N]
+    python bench/bench_torch.py [--rounds 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 from varshift.frameworks.torch.passes import diagnose, recalibrate
 
-SAMPLES = 16384
+SAMPLES = 4096
 BATCH = 256
 
 
@@ -63,17 +63,20 @@ def _warm(model: nn.Module, batches: list[Any]) -> None:
     model.eval()
 
 
-def best(fn: Callable[[], Any], repeat: int) -> float:
-    """Best wall time of ``repeat`` runs (garbage collector off during each)."""
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        gc.disable()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        gc.enable()
-    return min(times)
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Best wall time of each function over ``rounds`` rounds, the functions interleaved in
+    every round (a shared machine's load then hits them alike); GC off during each run."""
+    times: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            gc.collect()
+            gc.disable()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            gc.enable()
+            times[name] = min(times.get(name, elapsed), elapsed)
+    return times
 
 
 def bare_pass(model: nn.Module, batches: list[Any]) -> None:
@@ -106,48 +109,35 @@ def peak_memory(model: nn.Module, batches: list[Any]) -> int:
 
 
 def measure(
-    name: str, model: nn.Module, shape: tuple[int, ...], repeat: int, samples: int = SAMPLES
+    name: str, model: nn.Module, shape: tuple[int, ...], rounds: int, samples: int = SAMPLES
 ) -> list[str]:
     """Rows of the result table for one model."""
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn((BATCH, *shape), generator=gen) for _ in range(samples // BATCH)]
     _warm(model, batches)
-    floor = best(lambda: bare_pass(model, batches), repeat)
+    fns: dict[str, Callable[[], Any]] = {
+        "floor": lambda: bare_pass(model, batches),
+        "diagnose": lambda: diagnose(model, batches, dropout_on=False),
+        "diagnose2": lambda: diagnose(model, batches),
+        "single": lambda: recalibrate(model, batches, method="single-pass"),
+    }
+    if isinstance(model, nn.Sequential):
+        fns["work"] = lambda: truncated_passes(model, batches)
+        fns["topological"] = lambda: recalibrate(model, batches)
+    t = interleaved(fns, rounds)
     rows = []
 
-    def row(what: str, seconds: float, reference: float, target: str) -> None:
+    def row(what: str, key: str, reference: str, target: str) -> None:
         rows.append(
-            f"| {name} | {what} | {seconds * 1e3:.1f} ms | {reference * 1e3:.1f} ms "
-            f"| {seconds / reference:.2f}× | {target} |"
+            f"| {name} | {what} | {t[key] * 1e3:.1f} ms | {t[reference] * 1e3:.1f} ms "
+            f"| {t[key] / t[reference]:.2f}× | {target} |"
         )
 
-    row("bare eval pass (floor)", floor, floor, "—")
-    row(
-        "diagnose, dropout-on pass off",
-        best(lambda: diagnose(model, batches, dropout_on=False), repeat),
-        floor,
-        "≤ 1.3×",
-    )
-    row(
-        "diagnose (with the dropout-on pass)",
-        best(lambda: diagnose(model, batches), repeat),
-        floor,
-        "info (2 passes)",
-    )
-    row(
-        "recalibrate --method single-pass",
-        best(lambda: recalibrate(model, batches, method="single-pass"), repeat),
-        floor,
-        "≤ 1.3×",
-    )
-    if isinstance(model, nn.Sequential):
-        work = best(lambda: truncated_passes(model, batches), repeat)
-        row(
-            "recalibrate topological vs its forward work",
-            best(lambda: recalibrate(model, batches), repeat),
-            work,
-            "≤ 1.3×",
-        )
+    row("diagnose (dropout-on pass off) vs bare eval pass", "diagnose", "floor", "≤ 1.3×")
+    row("diagnose with the dropout-on pass vs bare eval pass", "diagnose2", "floor", "info")
+    row("recalibrate single-pass vs bare eval pass", "single", "floor", "≤ 1.3×")
+    if "work" in t:
+        row("recalibrate topological vs its passes' forward work", "topological", "work", "≤ 1.3×")
     small = peak_memory(model, batches[: len(batches) // 4])
     large = peak_memory(model, batches)
     ratio = large / small
@@ -160,7 +150,7 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -169,9 +159,9 @@ def main() -> None:
     print(f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| model | measurement | time | reference | ratio | target |")
     print("|---|---|---|---|---|---|")
-    for line in measure("MLP 4×512", mlp(), (256,), args.repeat):
+    for line in measure("MLP 4×512", mlp(), (256,), args.rounds):
         print(line)
-    for line in measure("CNN 3 blocks", cnn(), (3, 32, 32), args.repeat, 2048):
+    for line in measure("CNN 3 blocks", cnn(), (3, 32, 32), args.rounds, 1024):
         print(line)
 
 

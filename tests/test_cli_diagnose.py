@@ -229,3 +229,28 @@ def test_json_metrics_are_long_rows_with_orientations(files: dict[str, Path]) ->
     assert rows[("3", "shift_ratio")]["better"] == "none"
     assert rows[("model", "nll")]["better"] == "lower"
     assert rows[("3", "dropout_on_ratio")]["value"] is None  # that pass was skipped
+
+
+def test_npy_with_labels_file_and_csv_with_label_column(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    x, y = digits()
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", y.numpy())
+    header = ",".join([f"p{i}" for i in range(64)] + ["digit"])
+    rows = [",".join(map(str, [*r, int(c)])) for r, c in zip(x.numpy(), y.numpy(), strict=True)]
+    (tmp_path / "d.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    base = [files["checkpoint"], "--model", f"{MODULE}:stacked_net", "-f", "json", "-q"]
+    reports = []
+    for extra in (
+        ["--data", tmp_path / "x.npy", "--labels", tmp_path / "y.npy"],
+        ["--data", tmp_path / "d.csv", "--label-key", "digit"],
+        ["--data", files["data"]],
+    ):
+        code, out, err = run("diagnose", *base, *extra, "--no-dropout-on")
+        assert code == 0, err
+        reports.append({(r["scenario"], r["metric"]): r["value"] for r in json.loads(out)["rows"]})
+    # The same samples and labels however they are stored (csv holds them as decimal text).
+    for key in (("model", "accuracy"), ("3", "shift_ratio"), ("7", "eval_var")):
+        assert reports[0][key] == pytest.approx(reports[2][key], rel=1e-6)
+        assert reports[1][key] == pytest.approx(reports[2][key], rel=1e-6)

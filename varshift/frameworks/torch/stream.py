@@ -110,12 +110,12 @@ def mode_audit(model: nn.Module) -> tuple[str, ...]:
 # --- streaming accumulators --------------------------------------------------------------------
 
 
-def _reduce_dims(x: torch.Tensor) -> list[int]:
+def _reduce_dims(x: torch.Tensor) -> int | list[int]:
     if x.dim() < 2:
         raise ValidationError(
             f"a BatchNorm input must have a channel dimension; got shape {tuple(x.shape)}"
         )
-    return [0, *range(2, x.dim())]
+    return 0 if x.dim() == 2 else [0, *range(2, x.dim())]
 
 
 class ChannelMoments:
