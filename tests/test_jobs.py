@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
-from varshift.engine import SimConfig
 
 from varshift.cli import app
 from varshift.core.errors import OutputFileError, ValidationError
 from varshift.core.presets import resolve_preset
+from varshift.engine import SimConfig
 from varshift.jobs.checkpoint import CorrectJob, correct_file, inspect_file
 from varshift.jobs.simulate import SimulateJob, run_simulate
 from varshift.jobs.theory import TheoryConfig, input_variance, run_theory

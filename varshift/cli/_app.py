@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "check": "varshift.cli.cmd_check",
     "inspect": "varshift.cli.cmd_correct",
     "correct": "varshift.cli.cmd_correct",
+    "diagnose": "varshift.cli.cmd_diagnose",
+    "recalibrate": "varshift.cli.cmd_diagnose",
     "simulate": "varshift.cli.cmd_simulate",
     "suite": "varshift.cli.cmd_suite",
     "sweep": "varshift.cli.cmd_sweep",

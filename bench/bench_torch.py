@@ -1,0 +1,169 @@
+"""Cost of ``diagnose`` and ``recalibrate`` against one bare ``model.eval()`` pass (issue 9).
+
+The floor of a data pass is one forward of every batch in ``eval()`` under ``no_grad``; the
+targets: ``diagnose`` (without the optional dropout-on pass) and a single-pass recalibration
+≤ 1.3× that floor; the topological method ≤ 1.3× the forward work its passes must do (pass 1
+whole, pass k up to the last BN of depth k: measured here by running the same truncated
+forwards bare). Peak traced memory of ``diagnose`` for 1× and 4× the samples shows it does not
+grow with the data.
+
+Usage::
+
+    python bench/bench_torch.py [--rounds 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from varshift.frameworks.torch.passes import diagnose, recalibrate
+
+SAMPLES = 4096
+BATCH = 256
+
+
+def mlp(width: int = 512, depth: int = 4) -> nn.Module:
+    """``depth`` blocks Linear → ReLU → Dropout → BatchNorm1d, then a classifier."""
+    layers: list[nn.Module] = []
+    d_in = 256
+    for _ in range(depth):
+        layers += [nn.Linear(d_in, width), nn.ReLU(), nn.Dropout(0.3), nn.BatchNorm1d(width)]
+        d_in = width
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def cnn() -> nn.Module:
+    """Three Conv → BN → ReLU → Dropout2d blocks on 3×32×32 images, then a classifier."""
+    blocks: list[nn.Module] = []
+    c_in = 3
+    for c in (32, 64, 64):
+        blocks += [
+            nn.Conv2d(c_in, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+            nn.ReLU(),
+            nn.Dropout2d(0.1),
+        ]
+        c_in = c
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10))
+
+
+def _warm(model: nn.Module, batches: list[Any]) -> None:
+    model.train()
+    with torch.no_grad():
+        for x in batches[:20]:
+            model(x)
+    model.eval()
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Best wall time of each function over ``rounds`` rounds, the functions interleaved in
+    every round (a shared machine's load then hits them alike); GC off during each run."""
+    times: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            gc.collect()
+            gc.disable()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            gc.enable()
+            times[name] = min(times.get(name, elapsed), elapsed)
+    return times
+
+
+def bare_pass(model: nn.Module, batches: list[Any]) -> None:
+    """The floor: every batch through ``model.eval()`` under ``no_grad``."""
+    model.eval()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+
+
+def truncated_passes(model: nn.Sequential, batches: list[Any]) -> None:
+    """The forward work of the topological method done bare: one whole pass, then for each
+    further BN depth the model up to (and into) that depth's BN."""
+    bn_at = [i for i, m in enumerate(model) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bare_pass(model, batches)
+    with torch.no_grad():
+        for stop in bn_at[1:]:
+            head = model[:stop]
+            for x in batches:
+                head(x)
+
+
+def peak_memory(model: nn.Module, batches: list[Any]) -> int:
+    """Peak traced Python/NumPy allocations of ``diagnose`` (torch tensors are not traced)."""
+    tracemalloc.start()
+    diagnose(model, batches, dropout_on=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def measure(
+    name: str, model: nn.Module, shape: tuple[int, ...], rounds: int, samples: int = SAMPLES
+) -> list[str]:
+    """Rows of the result table for one model."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn((BATCH, *shape), generator=gen) for _ in range(samples // BATCH)]
+    _warm(model, batches)
+    fns: dict[str, Callable[[], Any]] = {
+        "floor": lambda: bare_pass(model, batches),
+        "diagnose": lambda: diagnose(model, batches, dropout_on=False),
+        "diagnose2": lambda: diagnose(model, batches),
+        "single": lambda: recalibrate(model, batches, method="single-pass"),
+    }
+    if isinstance(model, nn.Sequential):
+        fns["work"] = lambda: truncated_passes(model, batches)
+        fns["topological"] = lambda: recalibrate(model, batches)
+    t = interleaved(fns, rounds)
+    rows = []
+
+    def row(what: str, key: str, reference: str, target: str) -> None:
+        rows.append(
+            f"| {name} | {what} | {t[key] * 1e3:.1f} ms | {t[reference] * 1e3:.1f} ms "
+            f"| {t[key] / t[reference]:.2f}× | {target} |"
+        )
+
+    row("diagnose (dropout-on pass off) vs bare eval pass", "diagnose", "floor", "≤ 1.3×")
+    row("diagnose with the dropout-on pass vs bare eval pass", "diagnose2", "floor", "info")
+    row("recalibrate single-pass vs bare eval pass", "single", "floor", "≤ 1.3×")
+    if "work" in t:
+        row("recalibrate topological vs its passes' forward work", "topological", "work", "≤ 1.3×")
+    small = peak_memory(model, batches[: len(batches) // 4])
+    large = peak_memory(model, batches)
+    ratio = large / small
+    rows.append(
+        f"| {name} | diagnose peak traced heap, 4× vs 1× samples | {large / 2**20:.2f} MiB "
+        f"| {small / 2**20:.2f} MiB | {ratio:.2f}× | ≤ 1.2× |"
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| model | measurement | time | reference | ratio | target |")
+    print("|---|---|---|---|---|---|")
+    for line in measure("MLP 4×512", mlp(), (256,), args.rounds):
+        print(line)
+    for line in measure("CNN 3 blocks", cnn(), (3, 32, 32), args.rounds, 1024):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""``varshift diagnose`` and ``varshift recalibrate``: a PyTorch model run on real data."""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import typer
+
+from varshift.cli._common import OutputFormat, app
+from varshift.core.errors import OutputFileError
+from varshift.core.files import refuse_existing
+from varshift.jobs.diagnose import (
+    DataSpec,
+    DiagnoseConfig,
+    ModelSpec,
+    Progress,
+    RecalibrateConfig,
+    diagnose_metadata,
+    run_diagnose,
+    run_recalibrate,
+)
+from varshift.present import output as _output
+from varshift.present.report import frame_records
+
+
+def emit(
+    df: pd.DataFrame,
+    fmt: OutputFormat,
+    *,
+    output: Path | None = None,
+    force: bool = False,
+    **kwargs: object,
+) -> None:
+    """The shared renderer, with this command's output checked against existing files first."""
+    if output is not None:
+        refuse_existing(output, force=force, option="--output")
+    _output.emit(df, fmt.value, output=output, **kwargs)  # type: ignore[arg-type]
+
+
+class Device(StrEnum):
+    """``--device`` choices."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class RecalibrationMethod(StrEnum):
+    """``--method`` choices of recalibrate."""
+
+    topological = "topological"
+    single_pass = "single-pass"
+
+
+DIAGNOSE_EPILOG = """\
+Examples:
+
+  varshift diagnose model.pt --model mypkg.nets:build --data val.npz
+
+  varshift diagnose model.pt -m mypkg.nets:build --model-arg width=64 --data val.npz --label-key y
+
+  varshift diagnose --model exported.pt2 --data images.npy --labels labels.npy --max-batches 20
+
+  varshift diagnose model.pt -m mypkg.nets:build --data mypkg.data:loader -f json -o diag.json
+
+  varshift check diag.json --baseline diag.json --fail-if 'shift_ratio > 1.1'
+"""
+
+RECALIBRATE_EPILOG = """\
+Examples:
+
+  varshift recalibrate model.pt --model mypkg.nets:build --data train.npz -o fixed.pt
+
+  varshift recalibrate model.pt -m mypkg.nets:build -d train.npz --method single-pass -o fixed.pt
+
+  varshift recalibrate --model exported.pt2 --data train.npz -o fixed.pt2 --force
+"""
+
+CHECKPOINT_HELP = (
+    "Weights to load into the model: a state dict or a training checkpoint holding one "
+    "(read with torch.load(weights_only=True), loaded strictly). Optional with a factory that "
+    "sets its own weights or a .pt2 archive."
+)
+MODEL_HELP = (
+    "The model: an import path package.module:factory returning the nn.Module (imports and "
+    "runs that code), or a torch.export archive .pt2 (graph and weights; runs no user code)."
+)
+DATA_HELP = (
+    "Data: a .npy, .npz, .safetensors or .csv file (never unpickled), or an import path "
+    "package.module:function returning an iterable of batches, e.g. a DataLoader (runs code)."
+)
+
+Checkpoint = Annotated[Path | None, typer.Argument(help=CHECKPOINT_HELP, show_default=False)]
+Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP, show_default=False)]
+ModelArg = Annotated[
+    list[str] | None,
+    typer.Option("--model-arg", help="KEY=VALUE argument of the factory (repeatable)."),
+]
+Data = Annotated[str, typer.Option("--data", "-d", help=DATA_HELP, show_default=False)]
+InputKey = Annotated[
+    str | None, typer.Option(help="Input array of an .npz/.safetensors file (default: x, ...).")
+]
+LabelKey = Annotated[
+    str | None,
+    typer.Option(help="Label array of an .npz/.safetensors file, or label column of a .csv."),
+]
+Labels = Annotated[
+    Path | None, typer.Option(help="File of class indices, one per sample (npy, npz, csv, txt).")
+]
+BatchSize = Annotated[int, typer.Option(help="Samples per batch of file data.")]
+MaxBatches = Annotated[int | None, typer.Option(help="Read at most this many batches per pass.")]
+DeviceOpt = Annotated[
+    Device | None, typer.Option(help="cpu or cuda (default: cuda when present, else cpu).")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the results.")]
+Fmt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")]
+
+
+def _progress(quiet: bool) -> Progress | None:
+    """A one-line progress note on stderr for passes longer than a second (terminal only)."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    start = time.monotonic()
+
+    def show(label: str, batch: int) -> None:
+        if time.monotonic() - start > 1.0:
+            sys.stderr.write(f"\rvarshift: {label}: batch {batch}\033[K")
+            sys.stderr.flush()
+
+    return show
+
+
+def _done(progress: Progress | None) -> None:
+    if progress is not None:
+        sys.stderr.write("\r\033[K")
+
+
+@app.command(epilog=DIAGNOSE_EPILOG)
+def diagnose(
+    model: Model,
+    data: Data,
+    checkpoint: Checkpoint = None,
+    model_arg: ModelArg = None,
+    input_key: InputKey = None,
+    label_key: LabelKey = None,
+    labels: Labels = None,
+    batch_size: BatchSize = 256,
+    max_batches: MaxBatches = None,
+    device: DeviceOpt = None,
+    dropout_on: Annotated[
+        bool,
+        typer.Option(
+            "--dropout-on/--no-dropout-on",
+            help="Also run the training-mode pass (dropout on) that measures what training "
+            "records; --no-dropout-on halves the cost.",
+        ),
+    ] = True,
+    fmt: Fmt = OutputFormat.table,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the report here, not stdout.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite --output.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Show which BatchNorm layers are shifted by dropout, why, and by how much.
+
+    Runs the model on the data with dropout off (`eval()`) and measures, per BatchNorm and
+    channel, the mean and variance the layer really sees at test time; compares them with the
+    stored running statistics (`shift_ratio` = stored/eval variance: median, min, max over
+    channels) and with the closed-form prediction where one exists (direct, and dropout →
+    Linear → BN). Each
+    layer's class comes from the model graph: direct, through-linear, stacked (noise further
+    up), none, or unknown (untraceable). Flags: shifted, shift re-baked (stored matches the
+    dropout-on statistics, as training and update_bn leave them), unconverged, initial values,
+    dead channels, mode audit, track_running_stats=False. With labels: accuracy, NLL and ECE.
+
+    `--format json` is a report `varshift check` gates, e.g. `--fail-if 'shift_ratio > 1.1'`.
+    """
+    config = DiagnoseConfig(
+        ModelSpec(model, tuple(model_arg or ()), checkpoint),
+        DataSpec(data, input_key, label_key, labels, batch_size, max_batches),
+        device=None if device is None else device.value,
+        dropout_on=dropout_on,
+    )
+    if output is not None and output.exists() and not force:
+        raise OutputFileError(f"{output}: already exists; pass --force to overwrite it")
+    progress = _progress(quiet)
+    result = run_diagnose(config, progress)
+    _done(progress)
+    if not quiet:
+        for line in result.warnings:
+            typer.echo(f"varshift: warning: {line}", err=True)
+    table = result.to_frame()
+    meta = diagnose_metadata(config, result)
+    if fmt is OutputFormat.json:
+        meta["layers"] = frame_records(table)
+        long = pd.DataFrame.from_records(result.metric_rows())
+        emit(long, fmt, metadata=meta, output=output, force=force)
+        return
+    title = f"varshift diagnose: {result.samples} samples"
+    emit(table, fmt, metadata=meta, title=title, output=output, force=force)
+    if result.scores is not None and output is None and fmt is not OutputFormat.csv:
+        scores = pd.DataFrame.from_records([result.scores.__dict__])
+        emit(scores, fmt, title="the model as saved")
+
+
+@app.command(epilog=RECALIBRATE_EPILOG)
+def recalibrate(
+    model: Model,
+    data: Data,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The new checkpoint.", show_default=False)
+    ],
+    checkpoint: Checkpoint = None,
+    model_arg: ModelArg = None,
+    input_key: InputKey = None,
+    label_key: LabelKey = None,
+    labels: Labels = None,
+    batch_size: BatchSize = 256,
+    max_batches: MaxBatches = None,
+    device: DeviceOpt = None,
+    method: Annotated[
+        RecalibrationMethod,
+        typer.Option(
+            help="topological: exact, one data pass per BatchNorm depth; single-pass: one pass "
+            "with the stored statistics upstream (PreciseBN-style)."
+        ),
+    ] = RecalibrationMethod.topological,
+    force: Annotated[bool, typer.Option(help="Overwrite --output.")] = False,
+    fmt: Fmt = OutputFormat.table,
+    quiet: Quiet = False,
+) -> None:
+    """Write a checkpoint whose BatchNorm statistics are what each layer sees at test time.
+
+    Dropout off, every BatchNorm in eval mode, layers estimated in topological order (each
+    with the already recalibrated layers upstream), batches weighted by size; `running_var` is
+    stored unbiased as torch stores it. Only BatchNorm buffers change; the output loads with
+    `strict=True`; the input is never touched. With labels, a before/after table of accuracy,
+    NLL and ECE: as saved, data-free `correct`, recalibrated, and recalibrated with dropout on
+    (what `torch.optim.swa_utils.update_bn` does) — a fix is not automatically better.
+    """
+    config = RecalibrateConfig(
+        ModelSpec(model, tuple(model_arg or ()), checkpoint),
+        DataSpec(data, input_key, label_key, labels, batch_size, max_batches),
+        output=output,
+        method=method.value,
+        device=None if device is None else device.value,
+        force=force,
+    )
+    progress = _progress(quiet)
+    job = run_recalibrate(config, progress)
+    _done(progress)
+    result = job.result
+    if not quiet:
+        for line in result.warnings:
+            typer.echo(f"varshift: warning: {line}", err=True)
+        typer.echo(
+            f"varshift: wrote {job.output} ({result.method}, {result.passes} data pass(es))",
+            err=True,
+        )
+    layers, scores = result.to_frame(), result.scores_frame()
+    if fmt is OutputFormat.json:
+        emit(layers, fmt, metadata={"method": result.method, "scores": frame_records(scores)})
+        return
+    emit(layers, fmt, title="varshift recalibrate: BatchNorm statistics")
+    if result.scores and fmt is not OutputFormat.csv:
+        emit(scores, fmt, title="before/after")

@@ -1,0 +1,310 @@
+"""Streaming data passes: mode switches, per-channel float64 accumulators, one forward loop.
+
+Every statistic is streamed: per-channel float64 accumulators merged batch by batch (Chan et
+al.'s pairwise update of the mean and the sum of squared deviations), so memory does not grow
+with the number of samples, and batches are weighted by their size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from varshift.core.errors import ValidationError
+from varshift.frameworks.torch.results import Scores
+
+ECE_BINS = 15
+_DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
+
+Progress = Callable[[str, int], None]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every layer a pass measures has seen its input."""
+
+
+# --- modes -------------------------------------------------------------------------------------
+
+
+def _is_dropout(m: nn.Module) -> bool:
+    return isinstance(m, _DROPOUT_TYPES)
+
+
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+@contextmanager
+def _modes(model: nn.Module, set_mode: Callable[[nn.Module], bool | None]) -> Iterator[nn.Module]:
+    """Set ``module.training = set_mode(module)`` (``None``: unchanged); restore on exit."""
+    saved = {m: m.training for m in model.modules()}
+    try:
+        for m in saved:
+            mode = set_mode(m)
+            if mode is not None:
+                m.training = mode
+        yield model
+    finally:
+        for m, mode in saved.items():
+            m.training = mode
+
+
+def dropout_off(model: nn.Module) -> Any:
+    """Context manager: every dropout module in ``eval()`` (identity); other modes unchanged.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
+    >>> with dropout_off(net):
+    ...     net[1].training
+    False
+    >>> net[1].training
+    True
+    """
+    return _modes(model, lambda m: False if _is_dropout(m) else None)
+
+
+def bn_train_only(model: nn.Module) -> Any:
+    """Context manager: BatchNorm modules in training mode, every other module in ``eval()``.
+
+    In this mode a forward pass normalises with batch statistics and *updates* the running
+    statistics (momentum EMA) with dropout off: a PreciseBN-style pass without the noise.
+    """
+    return _modes(model, lambda m: _is_bn(m))
+
+
+def all_eval(model: nn.Module) -> Any:
+    return _modes(model, lambda m: False)
+
+
+def all_train(model: nn.Module) -> Any:
+    return _modes(model, lambda m: True)
+
+
+def mode_audit(model: nn.Module) -> tuple[str, ...]:
+    """Dropout and BatchNorm modules still in training mode after ``model.eval()``.
+
+    A module whose ``train()``/``eval()`` is overridden (or a model whose ``eval`` is not
+    ``nn.Module.eval``) can keep dropout on at test time; that is reported, not fixed.
+    """
+    saved = {m: m.training for m in model.modules()}
+    try:
+        try:
+            model.eval()
+        except NotImplementedError:  # exported GraphModules refuse train()/eval()
+            return ()
+        named = model.named_modules()
+        return tuple(n for n, m in named if (_is_dropout(m) or _is_bn(m)) and m.training)
+    finally:
+        for m, mode in saved.items():
+            m.training = mode
+
+
+# --- streaming accumulators --------------------------------------------------------------------
+
+
+def _reduce_dims(x: torch.Tensor) -> int | list[int]:
+    if x.dim() < 2:
+        raise ValidationError(
+            f"a BatchNorm input must have a channel dimension; got shape {tuple(x.shape)}"
+        )
+    return 0 if x.dim() == 2 else [0, *range(2, x.dim())]
+
+
+class ChannelMoments:
+    """Per-channel count, mean and sum of squared deviations ``M2`` of a stream, in float64.
+
+    ``add`` merges one batch with Chan et al.'s update: for counts ``n_a, n_b``, means
+    ``m_a, m_b``, ``M2 = M2_a + M2_b + (m_b - m_a)² n_a n_b / (n_a + n_b)``.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Merge every element of each channel of ``x`` (shape ``(N, C, ...)``)."""
+        x = x.detach()
+        if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        dims = _reduce_dims(x)
+        n = x.numel() // x.shape[1]
+        if n == 0:
+            return
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        mean, m2 = mean.double(), var.double() * n
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.count = total
+
+    def population_var(self) -> torch.Tensor:
+        """``M2 / n``: the population (biased) variance of everything seen."""
+        assert self.m2 is not None
+        return self.m2 / self.count
+
+    def unbiased_var(self) -> torch.Tensor:
+        """``M2 / (n - 1)``: what torch stores as ``running_var``."""
+        assert self.m2 is not None
+        if self.count < 2:
+            raise ValidationError(
+                f"recalibration needs at least 2 values per channel; got {self.count}"
+            )
+        return self.m2 / (self.count - 1)
+
+
+class BatchVarMean:
+    """Mean over batches of the per-channel *unbiased* batch variance (what an EMA of torch's
+    batch variances converges to), in float64."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.total: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add one batch's unbiased variance per channel."""
+        x = x.detach()
+        if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        var = torch.var(x, dim=_reduce_dims(x), correction=1).double()
+        self.total = var if self.total is None else self.total + var
+        self.batches += 1
+
+    def value(self) -> torch.Tensor | None:
+        """The mean, or ``None`` before any batch."""
+        return None if self.total is None else self.total / self.batches
+
+
+class ScoreSums:
+    """Streaming accuracy, NLL and top-label ECE from logits and class indices."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.correct = 0.0
+        self.nll = 0.0
+        self.bins = np.zeros((3, ECE_BINS))  # count, confidence sum, correct sum
+
+    def add(self, out: Any, y: torch.Tensor) -> None:
+        logits = out[0] if isinstance(out, tuple | list) else out
+        if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+            shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+            raise ValidationError(
+                f"labels need (batch, classes) logits from the model; got {shape}"
+            )
+        y = y.to(logits.device)
+        if int(y.max()) >= logits.shape[1]:
+            raise ValidationError(
+                f"labels must be < {logits.shape[1]} (the model's classes); got {int(y.max())}"
+            )
+        logp = torch.log_softmax(logits.double(), dim=1)
+        conf, pred = logp.exp().max(dim=1)
+        hit = (pred == y).double()
+        self.n += int(y.shape[0])
+        self.correct += float(hit.sum())
+        self.nll -= float(logp.gather(1, y[:, None]).sum())
+        b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1).cpu().numpy()
+        for row, values in enumerate((np.ones(b.size), conf.cpu().numpy(), hit.cpu().numpy())):
+            self.bins[row] += np.bincount(b, weights=values, minlength=ECE_BINS)
+
+    def scores(self, variant: str) -> Scores:
+        count, conf, hit = self.bins
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gap = np.where(count > 0, np.abs(hit - conf) / np.maximum(count, 1), 0.0)
+        ece = float(np.sum(count / self.n * gap)) if self.n else math.nan
+        n = max(self.n, 1)
+        return Scores(variant, self.n, self.correct / n, self.nll / n, ece)
+
+
+# --- one data pass -----------------------------------------------------------------------------
+
+
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def forward(model: nn.Module, x: torch.Tensor, place: tuple[torch.device, torch.dtype]) -> Any:
+    device, dtype = place
+    x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+    try:
+        return model(x)
+    except _StopForward:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
+        # AssertionError: a torch.export guard (e.g. an archive exported for one batch size)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValidationError(
+            f"data: the model rejects a batch of shape {tuple(x.shape)} and dtype "
+            f"{str(x.dtype).removeprefix('torch.')}: {first}"
+        ) from None
+
+
+def data_pass(
+    model: nn.Module,
+    batches: Any,
+    measure: Mapping[str, nn.Module],
+    make: Callable[[], Any],
+    *,
+    scores: ScoreSums | None = None,
+    stop_early: bool = False,
+    progress: Progress | None = None,
+    label: str = "pass",
+) -> tuple[dict[str, Any], list[str], int]:
+    """Run the model over ``batches`` (in its current modes, without gradients), feeding each
+    measured module's input to an accumulator from ``make()``.
+
+    Returns ``(accumulators by name, names in first-call order, samples)``. With
+    ``stop_early`` a forward stops once every measured module has seen its input (the rest
+    of the network is not needed); never when ``scores`` needs the output.
+    """
+    acc = {name: make() for name in measure}
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            acc[name].add(args[0])
+            if name not in order:
+                order.append(name)
+            seen.add(name)
+            if stop_early and len(seen) == len(acc):
+                raise _StopForward
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in measure.items()]
+    place = placement(model)
+    samples = 0
+    try:
+        with torch.no_grad():
+            for i, (x, y) in enumerate(batches):
+                seen.clear()
+                try:
+                    out = forward(model, x, place)
+                except _StopForward:
+                    out = None
+                if scores is not None and y is not None and out is not None:
+                    scores.add(out, y)
+                samples += int(x.shape[0])
+                if progress is not None:
+                    progress(label, i + 1)
+    finally:
+        for h in handles:
+            h.remove()
+    if samples == 0:
+        raise ValidationError("data: no samples (the data source is empty)")
+    return acc, order, samples
