@@ -20,14 +20,14 @@ whether it runs in one process or in ``workers`` processes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import math
-import multiprocessing
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -37,6 +37,8 @@ from varshift.core.errors import MissingDependencyError, ValidationError
 from varshift.core.presets import FRAMEWORKS, Preset, resolve_preset
 from varshift.core.theory import TheoryConfig, check_rho, shift_direct, theory_table
 from varshift.core.validate import check_choice, check_finite, check_int, check_range
+from varshift.jobs.executor import LocalExecutor, make_executor
+from varshift.jobs.store import ResultStore, run_tasks
 
 #: Grids with more points than this need ``force=True`` (``--force``).
 MAX_POINTS = 10_000
@@ -248,6 +250,12 @@ class SweepConfig:
         topology simulates one unit per point (see :func:`simulate_point`).
     workers:
         Processes for the Monte Carlo; the numbers do not depend on it.
+    seeds:
+        ``simulate``: replicates per grid point, each on its own stream; more than one reports
+        the mean and spread over seeds (:mod:`varshift.jobs.replicates`).
+    scheduler:
+        ``simulate``: run on the Dask cluster at this address instead of local processes
+        (:mod:`varshift.jobs.executor`); the numbers do not depend on it.
     max_points:
         Largest grid allowed without ``force``.
     """
@@ -271,6 +279,8 @@ class SweepConfig:
     workers: int = 1
     max_points: int = MAX_POINTS
     force: bool = False
+    seeds: int = 1
+    scheduler: str | None = None
 
     @property
     def n_points(self) -> int:
@@ -449,6 +459,9 @@ def _validated(config: SweepConfig) -> SweepConfig:
     if config.simulate:
         check_int("steps", config.steps, 1)
     check_int("workers", config.workers, 1)
+    check_int("seeds", config.seeds, 1)
+    if config.seeds > 1 and not config.simulate:
+        raise ValidationError(f"seeds > 1 needs simulate (--simulate); got seeds {config.seeds}")
     if config.topology == "direct" and (
         config.widths or config.Ds or any(r != 0.0 for r in config.rhos)
     ):
@@ -550,23 +563,11 @@ def map_points(
     ``spawn`` method (no inherited threads or state), and results come back in task order
     whatever the worker count; ``progress(done, total)`` is called as they arrive.
     """
-    total = len(tasks)
-    report = progress or (lambda done, total: None)
-    report(0, total)
-    if workers <= 1 or total <= 1:
-        out = []
-        for i, task in enumerate(tasks):
-            out.append(fn(task))
-            report(i + 1, total)
-        return out
-    chunk = max(1, total // (workers * 16))
-    context = multiprocessing.get_context("spawn")
-    results = []
-    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=context) as pool:
-        for i, value in enumerate(pool.map(fn, tasks, chunksize=chunk)):
-            results.append(value)
-            report(i + 1, total)
-    return results
+    return run_tasks(LocalExecutor(workers), fn, tasks, decode=_no_store, progress=progress)
+
+
+def _no_store(value: Any) -> Any:
+    raise AssertionError("map_points keeps no store")  # pragma: no cover
 
 
 def _simulate_engine() -> Any:
@@ -661,6 +662,9 @@ def sweep(
     config: SweepConfig,
     rng: np.random.Generator | int | None = None,
     progress: Progress | None = None,
+    *,
+    store: str | Path | None = None,
+    resume: bool = False,
 ) -> SweepResult:
     """Evaluate the variance shift at every point of the grid ``config`` describes.
 
@@ -674,6 +678,10 @@ def sweep(
         result for any ``config.workers``.
     progress:
         ``progress(done, total)``, called as simulated points finish.
+    store, resume:
+        ``simulate``: append every result to this SQLite store as it finishes; with
+        ``resume``, continue a store made by the same sweep (its seed too, when ``rng`` is
+        ``None``), computing only what is missing (:mod:`varshift.jobs.store`).
 
     Returns
     -------
@@ -709,17 +717,59 @@ def sweep(
     if not config.simulate:
         return SweepResult(config, tuple(rows), None, varying)
     _simulate_engine()
+    rows, entropy = _simulated(config, points, rows, rng, store, resume, progress)
+    return SweepResult(config, tuple(rows), entropy, varying)
+
+
+# --- executor, replicates and store (issue 13): varshift.jobs.{executor,replicates,store} ----
+
+
+def _simulated(
+    config: SweepConfig,
+    points: Sequence[GridPoint],
+    rows: Sequence[SweepRow],
+    rng: np.random.Generator | int | None,
+    store: str | Path | None,
+    resume: bool,
+    progress: Progress | None,
+) -> tuple[list[SweepRow], int]:
+    """The rows with their Monte Carlo (pooled over replicates) and the root seed entropy."""
+    from varshift.jobs.replicates import pool_all, replicate_seed  # builds on SweepRow
+
     root = _seed_sequence(rng)
+    executor = make_executor(config.workers, config.scheduler)
+    with contextlib.ExitStack() as stack:
+        kept = None
+        if store is not None:
+            fingerprint = _fingerprint(config)
+            kept = stack.enter_context(
+                ResultStore.open(store, fingerprint, resume=resume, force=config.force)
+            )
+            assert isinstance(root.entropy, int)
+            root = np.random.SeedSequence(kept.claim_seed(root.entropy, given=rng is not None))
+        k = config.seeds
+        tasks = [
+            _SimTask(p, config.beta, config.momentum, config.steps, config.reps, seed)
+            for p in points
+            for seed in (replicate_seed(root, p.index, r) for r in range(k))
+        ]
+        decode = lambda d: SimStats(**d)  # noqa: E731
+        sims = run_tasks(
+            executor, simulate_point, tasks, decode=decode, store=kept, progress=progress
+        )
     entropy = root.entropy
     assert isinstance(entropy, int)
-    seeds = root.spawn(len(points))
-    tasks = [
-        _SimTask(p, config.beta, config.momentum, config.steps, config.reps, s)
-        for p, s in zip(points, seeds, strict=True)
-    ]
-    sims = map_points(simulate_point, tasks, workers=config.workers, progress=progress)
-    rows = [_with_sim(r, s) for r, s in zip(rows, sims, strict=True)]
-    return SweepResult(config, tuple(rows), entropy, varying)
+    out = [_with_sim(r, s) for r, s in zip([r for r in rows for _ in range(k)], sims, strict=True)]
+    return (list(pool_all(out, k)) if k > 1 else out), entropy
+
+
+def _fingerprint(config: SweepConfig) -> dict[str, Any]:
+    """What a store's results belong to: the sweep's parameters, not how it was run."""
+    how = ("workers", "scheduler", "force", "max_points")
+    return {
+        "command": "sweep",
+        "parameters": {k: v for k, v in asdict(config).items() if k not in how},
+    }
 
 
 def _varying_axes(config: SweepConfig) -> tuple[str, ...]:
