@@ -145,6 +145,27 @@ def sweep(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing but the results.")
     ] = False,
+    # --- executor, replicates and store (issue 13) ---
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DASK_SCHEDULER_ADDRESS",
+            help="--simulate on this Dask cluster, tcp://HOST:PORT (pip install "
+            "'varshift[dask]'); results do not depend on it.",
+        ),
+    ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(help="--simulate: replicates per point; > 1 adds mean, sd and se over seeds."),
+    ] = 1,
+    store: Annotated[
+        Path | None,
+        typer.Option(help="--simulate: append each result to this SQLite file as it finishes."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue --store: compute only the missing results."),
+    ] = False,
 ) -> None:
     """Evaluate the variance shift over a grid of rates, widths, correlations, inputs, kinds,
     frameworks and batch sizes.
@@ -188,11 +209,17 @@ def sweep(
         reps=reps,
         workers=workers,
         force=force,
+        seeds=seeds,
+        scheduler=scheduler,
     )
+    if resume and store is None:
+        raise ValidationError("--resume needs --store PATH, the store to continue")
+    if store is not None and not simulate:
+        raise ValidationError("--store keeps Monte Carlo results: it needs --simulate")
     preflight(plot, html, (), force=force, output=output)
 
     with progress_bar("sweep", config.n_points, quiet=quiet) as progress:
-        result = run_sweep(config, rng=seed, progress=progress)
+        result = run_sweep(config, rng=seed, progress=progress, store=store, resume=resume)
 
     df = to_frame(result.records())
     meta = {
@@ -315,6 +342,8 @@ def compact_layout(result: SweepResult, df: pd.DataFrame) -> pd.DataFrame:
     if result.config.simulate:
         cols += ["sim_running_var", "z_running_var", "recorded_ratio", "sim_shift_ratio"]
         cols += ["z_shift_ratio"]
+    if result.config.seeds > 1:
+        cols += ["sim_shift_ratio_sd", "recorded_ratio_within_2se"]
     return df[cols]
 
 
@@ -337,4 +366,5 @@ def config_metadata(config: SweepConfig) -> dict[str, object]:
         "steps": config.steps,
         "simulate": config.simulate,
         "reps": config.reps if config.simulate else None,
+        **({"seeds": config.seeds} if config.seeds > 1 else {}),
     }
