@@ -164,7 +164,7 @@ class DaskExecutor:
         try:
             threads = sum(client.nthreads().values())
             window = self.window or max(256, 4 * threads)
-            completions = distributed.as_completed()
+            completions = distributed.as_completed(loop=client.loop)
             submitted = next_out = 0
             while next_out < total:
                 # Refill: never more than `window` tasks past the first result not yet yielded.
