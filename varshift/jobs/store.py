@@ -217,22 +217,24 @@ def run_tasks(
     fn: Callable[[T], U],
     tasks: Sequence[T],
     *,
-    decode: Callable[[Any], U],
+    decode: Callable[[Any], U] | None = None,
     store: ResultStore | None = None,
     progress: Progress | None = None,
 ) -> list[U]:
     """``[fn(t) for t in tasks]`` in task order, on ``executor``, through ``store``.
 
-    Results already in ``store`` are read back (``decode`` turns their JSON form into a
-    value); only the missing tasks run, and each result is stored the moment it arrives.
-    ``progress(done, total)`` counts stored results as done.
+    Results already in ``store`` are read back (``decode``, needed with a store, turns their
+    JSON form into a value); only the missing tasks run, and each result is stored the moment
+    it arrives. ``progress(done, total)`` counts stored results as done.
 
     Examples
     --------
     >>> from varshift.jobs.executor import LocalExecutor
-    >>> run_tasks(LocalExecutor(1), abs, [-1, 2], decode=int)
+    >>> run_tasks(LocalExecutor(1), abs, [-1, 2])
     [1, 2]
     """
+    if store is not None and decode is None:
+        raise TypeError("run_tasks needs decode= to read results back from a store")
     total = len(tasks)
     report = progress or (lambda done, total: None)
     results: list[U | None] = [None] * total
@@ -245,7 +247,7 @@ def run_tasks(
         if stored is None:
             missing.append(i)
         else:
-            results[i] = decode(stored)
+            results[i] = decode(stored)  # type: ignore[misc]  # checked above
     done = total - len(missing)
     report(done, total)
 

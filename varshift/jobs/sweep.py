@@ -563,11 +563,7 @@ def map_points(
     ``spawn`` method (no inherited threads or state), and results come back in task order
     whatever the worker count; ``progress(done, total)`` is called as they arrive.
     """
-    return run_tasks(LocalExecutor(workers), fn, tasks, decode=_no_store, progress=progress)
-
-
-def _no_store(value: Any) -> Any:
-    raise AssertionError("map_points keeps no store")  # pragma: no cover
+    return run_tasks(LocalExecutor(workers), fn, tasks, progress=progress)
 
 
 def _simulate_engine() -> Any:
