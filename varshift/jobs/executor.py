@@ -164,7 +164,8 @@ class DaskExecutor:
         try:
             threads = sum(client.nthreads().values())
             window = self.window or max(256, 4 * threads)
-            completions = distributed.as_completed(loop=client.loop)
+            # with_results: results come gathered in batches, not one round trip per future.
+            completions = distributed.as_completed(loop=client.loop, with_results=True)
             submitted = next_out = 0
             while next_out < total:
                 # Refill: never more than `window` tasks past the first result not yet yielded.
@@ -181,9 +182,8 @@ class DaskExecutor:
                         pending[future] = i
                     completions.update(futures)
                     submitted = stop
-                future = next(completions)
+                future, value = next(completions)
                 i = pending.pop(future)
-                value = future.result()
                 future.release()
                 report(i, value)
                 ready[i] = value
