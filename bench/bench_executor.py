@@ -13,7 +13,8 @@ directly before BN), each one :func:`varshift.jobs.sweep.simulate_point`. Measur
   SQLite store as the CLI's ``--store`` does. Task compute is timed on the workers too, so the
   cluster path's overhead per point is ``(wall x workers - sum of compute) / points``.
 * client memory: peak Python allocation (tracemalloc) of the client while mapping N tiny tasks
-  through :class:`DaskExecutor` with results discarded, for two N — flat means windowing works.
+  through :class:`DaskExecutor` with results discarded, for two N, scheduler and worker in
+  their own processes — flat means windowing works.
 
 Targets (issue 13): two workers >= 1.7x one worker, for Dask and the process pool; cluster
 overhead per point <= 10% of a median point's compute. The load of the machine is printed
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,11 +58,6 @@ def timed_point(task: _SimTask) -> tuple[float, SimStats]:
     start = time.perf_counter()
     value = simulate_point(task)
     return time.perf_counter() - start, value
-
-
-def tiny(seed: int) -> float:
-    """A task with almost no compute: what is left is the executor's own cost."""
-    return float(seed)
 
 
 def tasks_of(steps: int, reps: int, factor: int) -> list[_SimTask]:
@@ -96,15 +93,37 @@ def _never(value: Any) -> Any:
     raise AssertionError("a fresh store has nothing to decode")
 
 
-def client_memory(address: str, n: int) -> int:
-    """Peak bytes Python allocates in the client while ``n`` tiny tasks stream through."""
-    executor = DaskExecutor(address)
-    tracemalloc.start()
-    for _ in executor.map(tiny, range(n)):
-        pass
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak
+def client_memory(sizes: Sequence[int], port: int = 8799) -> dict[int, int]:
+    """Peak bytes Python allocates in the client while ``n`` tiny tasks stream through.
+
+    The scheduler and the worker run as separate processes (``dask scheduler``, ``dask
+    worker``): a ``LocalCluster`` would put the scheduler, and its task bookkeeping, in here.
+    """
+    dask = str(Path(sys.executable).with_name("dask"))
+    address = f"tcp://127.0.0.1:{port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--port", str(port), "--dashboard-address", ":0"], **quiet
+    )
+    worker = subprocess.Popen(
+        [dask, "worker", address, "--nthreads", "1", "--dashboard-address", ":0"], **quiet
+    )
+    try:
+        executor = DaskExecutor(address, timeout=60)
+        list(executor.map(abs, range(20)))  # connected and warm
+        peaks = {}
+        for n in sizes:
+            tracemalloc.start()
+            # abs: almost no compute, and importable on any worker.
+            for _ in executor.map(abs, range(n)):
+                pass
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        return peaks
+    finally:
+        for proc in (worker, scheduler):
+            proc.terminate()
+            proc.wait()
 
 
 def main() -> None:
@@ -150,9 +169,8 @@ def main() -> None:
             )
             compute[name] = [t for t, _ in out]
             assert [v for _, v in out] == reference, name
-            if workers == 2:
-                memory = {m: client_memory(cluster.scheduler_address, m) for m in (500, 2000)}
         print(name, f"{wall[name]:.2f} s", flush=True)
+    memory = client_memory((500, 2000))
     lines.append(f"load average after: {os.getloadavg()}")
     median = statistics.median(compute["local 1"])
     lines += ["", "| measurement | value | target | met |", "|---|---|---|---|"]
