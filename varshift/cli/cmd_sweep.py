@@ -9,6 +9,7 @@ import typer
 
 from varshift.cli._common import OutputFormat, app, parse_momentum
 from varshift.core.dropout import DROPOUT_KINDS
+from varshift.core.errors import ValidationError
 from varshift.core.files import OutputPlan
 from varshift.core.presets import FRAMEWORKS
 from varshift.jobs.sweep import MAX_POINTS, axes_config, run_sweep
@@ -125,6 +126,27 @@ def sweep(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing but the results.")
     ] = False,
+    # --- executor, replicates and store (issue 13) ---
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DASK_SCHEDULER_ADDRESS",
+            help="--simulate on this Dask cluster, tcp://HOST:PORT (pip install "
+            "'varshift[dask]'); results do not depend on it.",
+        ),
+    ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(help="--simulate: replicates per point; > 1 adds mean, sd and se over seeds."),
+    ] = 1,
+    store: Annotated[
+        Path | None,
+        typer.Option(help="--simulate: append each result to this SQLite file as it finishes."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue --store: compute only the missing results."),
+    ] = False,
 ) -> None:
     """Evaluate the variance shift over a grid of rates, widths, correlations, inputs, kinds,
     frameworks and batch sizes.
@@ -155,13 +177,19 @@ def sweep(
         reps=reps,
         workers=workers,
         force=force,
+        seeds=seeds,
+        scheduler=scheduler,
     )
+    if resume and store is None:
+        raise ValidationError("--resume needs --store PATH, the store to continue")
+    if store is not None and not simulate:
+        raise ValidationError("--store keeps Monte Carlo results: it needs --simulate")
     visuals = Visuals(plot, html)
     plan = OutputPlan(force=force)
     plan.add_all([output] if output else [], "--output")
     plan_visuals(plan, visuals, ())
     with progress_bar("sweep", config.n_points, quiet=quiet) as progress:
-        result = run_sweep(config, seed, progress)
+        result = run_sweep(config, seed, progress, store=store, resume=resume)
     df = to_table(result.records())
     drawn = show.figures(result) if visuals.wanted else []
     if plot is not None:

@@ -14,10 +14,12 @@ Carlo per point, reproducible whatever the number of processes, is in
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,8 @@ from varshift.core.theory import TheoryConfig, check_rho, shift_direct, theory_t
 from varshift.core.validate import check_choice, check_finite, check_int, check_range
 from varshift.jobs._meta import run_metadata
 from varshift.jobs.axes import MAX_AXIS_VALUES, clean_number, parse_axis, parse_choices
+from varshift.jobs.executor import make_executor
+from varshift.jobs.store import ResultStore, run_tasks
 from varshift.jobs.sweep_points import (
     GridPoint,
     Progress,
@@ -109,6 +113,12 @@ class SweepConfig:
         topology simulates one unit per point (see :func:`simulate_point`).
     workers:
         Processes for the Monte Carlo; the numbers do not depend on it.
+    seeds:
+        ``simulate``: replicates per grid point, each on its own stream; more than one reports
+        the mean and spread over seeds (:mod:`varshift.jobs.replicates`).
+    scheduler:
+        ``simulate``: run on the Dask cluster at this address instead of local processes
+        (:mod:`varshift.jobs.executor`); the numbers do not depend on it.
     max_points:
         Largest grid allowed without ``force``.
     """
@@ -132,6 +142,8 @@ class SweepConfig:
     workers: int = 1
     max_points: int = MAX_POINTS
     force: bool = False
+    seeds: int = 1
+    scheduler: str | None = None
 
     @property
     def n_points(self) -> int:
@@ -283,6 +295,9 @@ def _validated(config: SweepConfig) -> SweepConfig:
     if config.simulate:
         check_int("steps", config.steps, 1)
     check_int("workers", config.workers, 1)
+    check_int("seeds", config.seeds, 1)
+    if config.seeds > 1 and not config.simulate:
+        raise ValidationError(f"seeds > 1 needs simulate (--simulate); got seeds {config.seeds}")
     if config.topology == "direct" and (
         config.widths or config.Ds or any(r != 0.0 for r in config.rhos)
     ):
@@ -373,6 +388,9 @@ def sweep(
     config: SweepConfig,
     rng: np.random.Generator | int | None = None,
     progress: Progress | None = None,
+    *,
+    store: str | Path | None = None,
+    resume: bool = False,
 ) -> SweepResult:
     """Evaluate the variance shift at every point of the grid ``config`` describes.
 
@@ -386,6 +404,10 @@ def sweep(
         result for any ``config.workers``.
     progress:
         ``progress(done, total)``, called as simulated points finish.
+    store, resume:
+        ``simulate``: append every result to this SQLite store as it finishes; with
+        ``resume``, continue a store made by the same sweep (its seed too, when ``rng`` is
+        ``None``), computing only what is missing (:mod:`varshift.jobs.store`).
 
     Returns
     -------
@@ -420,17 +442,59 @@ def sweep(
     varying = _varying_axes(config)
     if not config.simulate:
         return SweepResult(config, tuple(rows), None, varying)
+    rows, entropy = _simulated(config, points, rows, rng, store, resume, progress)
+    return SweepResult(config, tuple(rows), entropy, varying)
+
+
+# --- executor, replicates and store (issue 13): varshift.jobs.{executor,replicates,store} ----
+
+
+def _simulated(
+    config: SweepConfig,
+    points: Sequence[GridPoint],
+    rows: Sequence[SweepRow],
+    rng: np.random.Generator | int | None,
+    store: str | Path | None,
+    resume: bool,
+    progress: Progress | None,
+) -> tuple[list[SweepRow], int]:
+    """The rows with their Monte Carlo (pooled over replicates) and the root seed entropy."""
+    from varshift.jobs.replicates import pool_all, replicate_seed  # builds on SweepRow
+
     root = _seed_sequence(rng)
+    executor = make_executor(config.workers, config.scheduler)
+    with contextlib.ExitStack() as stack:
+        kept = None
+        if store is not None:
+            fingerprint = _fingerprint(config)
+            kept = stack.enter_context(
+                ResultStore.open(store, fingerprint, resume=resume, force=config.force)
+            )
+            assert isinstance(root.entropy, int)
+            root = np.random.SeedSequence(kept.claim_seed(root.entropy, given=rng is not None))
+        k = config.seeds
+        tasks = [
+            _SimTask(p, config.beta, config.momentum, config.steps, config.reps, seed)
+            for p in points
+            for seed in (replicate_seed(root, p.index, r) for r in range(k))
+        ]
+        decode = lambda d: SimStats(**d)  # noqa: E731
+        sims = run_tasks(
+            executor, simulate_point, tasks, decode=decode, store=kept, progress=progress
+        )
     entropy = root.entropy
     assert isinstance(entropy, int)
-    seeds = root.spawn(len(points))
-    tasks = [
-        _SimTask(p, config.beta, config.momentum, config.steps, config.reps, s)
-        for p, s in zip(points, seeds, strict=True)
-    ]
-    sims = map_points(simulate_point, tasks, workers=config.workers, progress=progress)
-    rows = [_with_sim(r, s) for r, s in zip(rows, sims, strict=True)]
-    return SweepResult(config, tuple(rows), entropy, varying)
+    out = [_with_sim(r, s) for r, s in zip([r for r in rows for _ in range(k)], sims, strict=True)]
+    return (list(pool_all(out, k)) if k > 1 else out), entropy
+
+
+def _fingerprint(config: SweepConfig) -> dict[str, Any]:
+    """What a store's results belong to: the sweep's parameters, not how it was run."""
+    how = ("workers", "scheduler", "force", "max_points")
+    return {
+        "command": "sweep",
+        "parameters": {k: v for k, v in asdict(config).items() if k not in how},
+    }
 
 
 def _varying_axes(config: SweepConfig) -> tuple[str, ...]:
@@ -471,11 +535,17 @@ def sweep_parameters(config: SweepConfig) -> dict[str, object]:
         "steps": config.steps,
         "simulate": config.simulate,
         "reps": config.reps if config.simulate else None,
+        **({"seeds": config.seeds} if config.seeds > 1 else {}),
     }
 
 
 def run_sweep(
-    config: SweepConfig, seed: int | None = None, progress: Progress | None = None
+    config: SweepConfig,
+    seed: int | None = None,
+    progress: Progress | None = None,
+    *,
+    store: str | Path | None = None,
+    resume: bool = False,
 ) -> SweepResult:
     """:func:`sweep` with the run metadata (parameters, seed, seed entropy, point count).
 
@@ -485,7 +555,7 @@ def run_sweep(
     >>> res.metadata["command"], res.metadata["points"]
     ('sweep', 2)
     """
-    result = sweep(config, rng=seed, progress=progress)
+    result = sweep(config, rng=seed, progress=progress, store=store, resume=resume)
     meta = run_metadata(
         "sweep",
         sweep_parameters(config),

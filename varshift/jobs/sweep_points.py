@@ -7,9 +7,7 @@ so a sweep gives the same numbers whether it runs in one process or in ``workers
 from __future__ import annotations
 
 import math
-import multiprocessing
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -95,23 +93,10 @@ def map_points(
     ``spawn`` method (no inherited threads or state), and results come back in task order
     whatever the worker count; ``progress(done, total)`` is called as they arrive.
     """
-    total = len(tasks)
-    report = progress or (lambda done, total: None)
-    report(0, total)
-    if workers <= 1 or total <= 1:
-        out = []
-        for i, task in enumerate(tasks):
-            out.append(fn(task))
-            report(i + 1, total)
-        return out
-    chunk = max(1, total // (workers * 16))
-    context = multiprocessing.get_context("spawn")
-    results = []
-    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=context) as pool:
-        for i, value in enumerate(pool.map(fn, tasks, chunksize=chunk)):
-            results.append(value)
-            report(i + 1, total)
-    return results
+    from varshift.jobs.executor import LocalExecutor
+    from varshift.jobs.store import run_tasks
+
+    return run_tasks(LocalExecutor(workers), fn, tasks, progress=progress)
 
 
 @dataclass(frozen=True)
