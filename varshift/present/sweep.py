@@ -203,6 +203,8 @@ def compact_layout(result: SweepResult, df: Grid) -> Grid:
     if result.config.simulate:
         cols += ["sim_running_var", "z_running_var", "recorded_ratio", "sim_shift_ratio"]
         cols += ["z_shift_ratio"]
+    if result.config.seeds > 1:
+        cols += ["sim_shift_ratio_sd", "recorded_ratio_within_2se"]
     return df.select(cols)
 
 
