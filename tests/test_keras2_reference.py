@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from varshift.core.presets import Preset
-from varshift.engine.simulate import bn_running_stats
+from varshift.engine import bn_running_stats
 
 EPS64 = float(np.finfo(np.float64).eps)
 
