@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from varshift.core.presets import Preset
+from varshift.core.dropout import InputMoments
+from varshift.core.errors import ValidationError
+from varshift.core.presets import PRESETS, Preset, resolve_preset
+from varshift.core.theory import running_stats
 from varshift.engine import bn_running_stats
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -196,3 +199,57 @@ def test_fused_path_applies_bessel_twice() -> None:
     fused = keras2_running_stats(batches, fused_bessel=True)
     plain = keras2_running_stats(batches, fused_bessel=False)
     np.testing.assert_allclose(fused.moving_variance / plain.moving_variance, 16 / 15, rtol=1e-13)
+
+
+# --- the keras2 preset against the reference ------------------------------------------------
+
+
+def test_keras2_preset_is_the_reference_without_zero_debias() -> None:
+    """The engine under ``keras2`` is Keras 2.3.x's update (no zero-debias) to rounding."""
+    batches = stream(seed=3, steps=400)
+    ref = keras2_running_stats(batches, zero_debias=False)
+    engine = bn_running_stats(batches, PRESETS["keras2"])
+    cond = max(float(np.max((b**2).mean(0) / b.var(0))) for b in batches)
+    tol = ema_tol(len(batches), 0.99, cond, 16)
+    np.testing.assert_allclose(engine.running_mean, ref.moving_mean, rtol=tol, atol=tol)
+    np.testing.assert_allclose(engine.running_var, ref.moving_variance, rtol=tol, atol=tol)
+
+
+def test_keras2_preset_and_zero_debias_differ_by_the_initial_values_weight() -> None:
+    """Keras 2.1.3–2.2.5 (zero-debias) and the preset: ``R_plain = a^T + (1 - a^T) R_debias``
+    exactly, so they differ by ``a^T |1 - R_debias|``: large at first, gone after ~1000 steps."""
+    m = 0.99
+    for steps in (1, 10, 100, 1500):
+        batches = stream(seed=4, steps=steps)
+        debiased = keras2_running_stats(batches, zero_debias=True)
+        engine = bn_running_stats(batches, PRESETS["keras2"])
+        want = m**steps + (1 - m**steps) * debiased.moving_variance
+        tol = ema_tol(steps, m, 10.0, 16) * 4
+        np.testing.assert_allclose(engine.running_var, want, rtol=tol)
+    assert m**1500 < 3e-7  # after the classic run's 31300 steps: 0.99^31300 ≈ 2e-137
+
+
+def test_keras2_eps_override_moves_the_divisor() -> None:
+    preset = resolve_preset("keras2", eps=0.25)
+    assert preset.eps == 0.25 and preset.estimator.ddof == 1.25
+    batches = stream(seed=5, steps=60, n=4)
+    ref = keras2_running_stats(batches, epsilon=0.25, zero_debias=False)
+    engine = bn_running_stats(batches, preset)
+    np.testing.assert_allclose(engine.running_var, ref.moving_variance, rtol=1e-12)
+    # ... and the default preset's divisor is n - 1.001, which differs visibly at n = 4.
+    default = bn_running_stats(batches, PRESETS["keras2"])
+    assert np.all(np.abs(default.running_var / engine.running_var - 1.0) > 1e-3)
+
+
+def test_keras2_expected_stored_variance_by_hand() -> None:
+    """E[s] = Var (n-1)/(n-1-eps) for iid inputs: v n/(n-1-eps) with E[v] = Var (n-1)/n."""
+    out = InputMoments.normal(5.0, 4.0)
+    rs = running_stats(out, PRESETS["keras2"], batch_size=32, steps=31300)
+    assert rs.batch_var_mean == pytest.approx(4.0 * 31 / 30.999, rel=1e-14)
+    assert rs.expected_var == pytest.approx(4.0 * 31 / 30.999, rel=1e-12)
+
+
+def test_keras2_needs_two_elements() -> None:
+    with pytest.raises(ValidationError, match=r"batch_size must be >= 2 for keras2"):
+        PRESETS["keras2"].check_batch(1)
+    assert PRESETS["keras2"].check_batch(2) == 2
