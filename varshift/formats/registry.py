@@ -85,6 +85,21 @@ def format_from_extension(path: str | os.PathLike[str]) -> str | None:
     return _EXTENSIONS.get(Path(path).suffix.lower())
 
 
+def output_format(path: str | os.PathLike[str], source_format: str) -> str:
+    """The format an output file gets: the source's when that format claims the extension (a
+    legacy Keras ``.h5`` in, ``.h5`` out), else the extension's, else the source's.
+
+    Examples
+    --------
+    >>> output_format("fixed.h5", "keras-legacy"), output_format("fixed.h5", "torch")
+    ('keras-legacy', 'keras')
+    """
+    suffix = Path(path).suffix.lower()
+    if source_format in REGISTRY and suffix in REGISTRY[source_format].claims:
+        return source_format
+    return format_from_extension(path) or source_format
+
+
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The format of an existing file: from its extension (unless a format that claims the
     extension recognises the content), else from its first bytes.
@@ -201,12 +216,7 @@ def write_stats(
         written; the target format cannot hold the data.
     """
     out = Path(path)
-    if fmt is not None:
-        name = get_format(fmt).name
-    elif stats.format in REGISTRY and out.suffix.lower() in REGISTRY[stats.format].claims:
-        name = stats.format  # legacy Keras .h5 in, .h5 out: the same format as the input
-    else:
-        name = format_from_extension(out) or stats.format
+    name = get_format(fmt).name if fmt is not None else output_format(out, stats.format)
     if out.exists() and not force:
         raise OutputFileError(f"{out}: already exists; pass --force to overwrite it")
     if stats.source is not None and out.exists() and out.samefile(stats.source):
