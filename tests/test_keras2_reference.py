@@ -1,15 +1,17 @@
 """A pure-NumPy reference of multi-backend Keras 2.x BatchNormalization's running statistics.
 
-The ``keras2`` preset (issue 11) is to be wired into the preset registry; this module pins the
-update rule it must reproduce, read from the Keras 2.x sources (see ``docs/keras2.md``), and
-checks the reference against closed forms, against varshift's engine update where the two
-conventions coincide, and against TensorFlow's own ``assign_moving_average`` when TensorFlow is
-installed.
+The ``keras2`` preset (``varshift/core/presets.py``) reproduces the update rule pinned here,
+read from the Keras 2.x sources (see ``docs/keras2.md``). This module checks the reference
+against closed forms, against varshift's engine update (the preset, and where the conventions
+coincide), and against TensorFlow's own ``assign_moving_average`` when TensorFlow is installed
+(Keras 2.x itself needs TensorFlow 1.x, not installable on Python 3.11).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -253,3 +255,32 @@ def test_keras2_needs_two_elements() -> None:
     with pytest.raises(ValidationError, match=r"batch_size must be >= 2 for keras2"):
         PRESETS["keras2"].check_batch(1)
     assert PRESETS["keras2"].check_batch(2) == 2
+
+
+def test_zero_debias_is_tensorflows_assign_moving_average() -> None:
+    """The reference's zero-debias stream against TensorFlow's own ``assign_moving_average(...,
+    zero_debias=True)`` (the call of Keras 2.1.3–2.2.5's ``moving_average_update``), run in a
+    TF1 graph; and the plain stream against ``zero_debias=False``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tf = pytest.importorskip("tensorflow")
+        from tensorflow.python.training import moving_averages
+    values = np.random.default_rng(2).normal(2.0, 1.0, size=(40, 3))
+    for debias in (True, False):
+        graph = tf.Graph()
+        with graph.as_default(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            var = tf.compat.v1.get_variable("x", initializer=np.ones(3), dtype=tf.float64)
+            value = tf.compat.v1.placeholder(tf.float64, shape=(3,))
+            update = moving_averages.assign_moving_average(var, value, 0.99, zero_debias=debias)
+            with tf.compat.v1.Session(graph=graph) as session:
+                session.run(tf.compat.v1.global_variables_initializer())
+                for v in values:
+                    session.run(update, {value: v})
+                got = session.run(var)
+        # assign_moving_average converts 1 - decay to a float32 tensor before casting it to
+        # the variable's dtype (as tf_keras does): the float64 run uses float32(0.01).
+        m = 1.0 - float(np.float32(1.0 - 0.99))
+        want = moving_average_stream(values, np.ones(3), m, zero_debias=debias)
+        np.testing.assert_allclose(got, want, rtol=ema_tol(40, 0.99, 10.0, 1))
