@@ -29,8 +29,15 @@ import numpy as np
 
 from varshift.core.errors import InputFileError, OutputFileError
 from varshift.core.files import replacing
-from varshift.formats.base import BNLayer, BNStats, Format, Origin, first_line, make_stats
-from varshift.formats.base import same_source as _same_source
+from varshift.formats.base import (
+    BNLayer,
+    BNStats,
+    Format,
+    Origin,
+    first_line,
+    make_stats,
+    same_source,
+)
 from varshift.formats.keras_h5 import EXTRA, hdf5_signature, is_legacy, legacy_root, rewrite_layers
 
 _ROLES = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -228,7 +235,7 @@ def read(path: Path, fmt: str) -> BNStats:
 
 def write(stats: BNStats, path: Path, fmt: str) -> None:
     """A copy of the legacy source file with the changed statistics datasets rewritten."""
-    if not _same_source(stats, fmt) or stats.source is None:
+    if not same_source(stats, fmt) or stats.source is None:
         raise OutputFileError(
             f"{path}: a legacy Keras .h5 output needs a legacy Keras .h5 input (varshift "
             "rewrites a copy of it); choose .pt, .npz, .safetensors, .csv or .json"
