@@ -52,7 +52,11 @@ def test_default_presets_match_the_framework_sources() -> None:
     assert (tfk.alpha, tfk.unbiased, tfk.eps) == (0.99, True, 1e-3)
     flax = resolve_preset("flax")
     assert (flax.alpha, flax.unbiased, flax.eps) == (0.99, False, 1e-5)
-    assert set(PRESETS) == {"torch", "keras", "tf-keras", "flax"}
+    # Multi-backend Keras 2.1.4–2.3.1: variance *= n / (n - (1 + epsilon)) before the average.
+    k2 = resolve_preset("keras2")
+    assert (k2.momentum, k2.alpha, k2.unbiased, k2.eps) == (0.99, 0.99, False, 1e-3)
+    assert k2.estimator.ddof == 1.0 + 1e-3 and k2.stored_over_biased(32) == 32 / 30.999
+    assert set(PRESETS) == {"torch", "keras", "tf-keras", "keras2", "flax"}
 
 
 def test_momentum_is_read_in_each_frameworks_own_meaning() -> None:
@@ -84,7 +88,11 @@ def test_tf_keras_eps_is_raised_to_the_fused_minimum() -> None:
 @pytest.mark.parametrize(
     ("framework", "momentum", "message"),
     [
-        ("caffe", "default", r"framework must be one of torch, keras, tf-keras, flax; got 'caffe'"),
+        (
+            "caffe",
+            "default",
+            r"framework must be one of torch, keras, tf-keras, keras2, flax; got 'caffe'",
+        ),
         ("torch", 1.5, r"momentum must be in \[0, 1\]; got 1.5"),
         ("keras", -0.1, r"momentum must be in \[0, 1\]; got -0.1"),
     ],
@@ -105,7 +113,10 @@ def test_every_preset_has_every_field(name: str) -> None:
     assert p.momentum is not None and p.alpha is not None
     assert p.alpha == p.alpha_from(p.momentum)
     assert p.eps > 0 and p.eps >= p.min_eps >= 0
-    assert p.estimator in (BIASED, UNBIASED)
+    if p.eps_in_ddof:  # Keras 2.x: the stored variance is ÷ (n - 1 - eps)
+        assert p.estimator.ddof == 1.0 + p.eps
+    else:
+        assert p.estimator in (BIASED, UNBIASED)
     assert isinstance(p.momentum_is_decay, bool) and isinstance(p.none_is_cumulative, bool)
 
 

@@ -4,8 +4,10 @@ other's, owns its extensions, and explains a missing extra."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,13 +68,60 @@ def keras_sample(path: Path) -> None:
         fh["optimizer/vars/0"] = np.int64(12)
 
 
+def keras_archive_sample(path: Path) -> None:
+    """A ``.keras`` zip: config.json, metadata.json and the Keras 3 weights file above."""
+    weights = path.with_name("inner.weights.h5")
+    keras_sample(weights)
+    config = {"class_name": "Functional", "config": {"name": "m", "layers": []}}
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("metadata.json", json.dumps({"keras_version": "3.15.1"}))
+        zf.writestr("config.json", json.dumps(config))
+        zf.writestr("model.weights.h5", weights.read_bytes())
+    weights.unlink()
+
+
+def keras_legacy_sample(path: Path) -> None:
+    """A legacy ``model.save('x.h5')`` layout: ``model_weights`` with ``layer_names`` and, per
+    layer, ``weight_names`` naming TF variables (``block.bn/gamma:0``)."""
+    h5py = pytest.importorskip("h5py")
+    roles = ("gamma", "beta", "moving_mean", "moving_variance")
+    values = [[1.0, 0.5, 2.0], [0.0, -0.5, 0.25], [0.5, -1.25, 3.0], [2.0, 0.75, 1.5]]
+    block = dict(zip(roles, values, strict=True))
+    head = {"moving_mean": [1.0, 2.0], "moving_variance": [4.0, 8.0]}
+    with h5py.File(path, "w") as fh:
+        fh.attrs["keras_version"] = "3.15.1"
+        fh.attrs["backend"] = "torch"
+        root = fh.create_group("model_weights")
+        root.attrs["layer_names"] = [b"input", b"block.bn", b"head.bn"]
+        root.create_group("input").attrs["weight_names"] = np.array([], dtype="S1")
+        for layer, variables in (("block.bn", block), ("head.bn", head)):
+            group = root.create_group(layer)
+            names = [f"{layer}/{role}:0" for role in variables]
+            group.attrs["weight_names"] = [n.encode() for n in names]
+            for weight, values in zip(names, variables.values(), strict=True):
+                group[weight] = np.asarray(values, dtype=np.float32)
+        opt = fh.create_group("optimizer_weights")
+        opt.attrs["weight_names"] = [b"iteration:0"]
+        opt["iteration:0"] = np.int64(12)
+
+
 #: Formats whose writer cannot create a file from :func:`two_layers`: how to make a sample.
-SAMPLES: dict[str, Callable[[Path], None]] = {"keras": keras_sample}
+SAMPLES: dict[str, Callable[[Path], None]] = {
+    "keras": keras_sample,
+    "keras-archive": keras_archive_sample,
+    "keras-legacy": keras_legacy_sample,
+}
+
+
+def extension(name: str) -> str:
+    """A file extension of the format: its own, else one it claims by content."""
+    record = REGISTRY[name]
+    return (record.extensions or record.claims)[0]
 
 
 def sample(tmp_path: Path, name: str) -> Path:
     require_extra(name)
-    path = tmp_path / f"source{REGISTRY[name].extensions[0]}"
+    path = tmp_path / f"source{extension(name)}"
     if name in SAMPLES:
         SAMPLES[name](path)
     else:
@@ -119,7 +168,7 @@ def test_every_format_round_trips(tmp_path: Path, name: str) -> None:
     assert list(first.layers) == ["block.bn", "head.bn"]
     np.testing.assert_array_equal(first.layers["block.bn"].var, f32([2.0, 0.75, 1.5]))
     np.testing.assert_array_equal(first.layers["head.bn"].mean, f32([1.0, 2.0]))
-    again = tmp_path / f"again{REGISTRY[name].extensions[0]}"
+    again = tmp_path / f"again{extension(name)}"
     write_stats(first, again)
     second = read_stats(again)
     assert second.format == name and second.framework == first.framework
@@ -147,7 +196,7 @@ def test_a_missing_extra_is_explained(
     assert extra is not None
     for module in [m for m in sys.modules if m.split(".")[0] == extra.module] or [extra.module]:
         monkeypatch.setitem(sys.modules, module, None)
-    path = tmp_path / f"model{REGISTRY[name].extensions[0]}"
+    path = tmp_path / f"model{extension(name)}"
     path.write_bytes(b"not read: the extra is missing")
     with pytest.raises(MissingDependencyError, match=rf"pip install 'varshift\[{extra.name}\]'"):
         read_stats(path)

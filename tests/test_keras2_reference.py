@@ -1,22 +1,27 @@
 """A pure-NumPy reference of multi-backend Keras 2.x BatchNormalization's running statistics.
 
-The ``keras2`` preset (issue 11) is to be wired into the preset registry; this module pins the
-update rule it must reproduce, read from the Keras 2.x sources (see ``docs/keras2.md``), and
-checks the reference against closed forms, against varshift's engine update where the two
-conventions coincide, and against TensorFlow's own ``assign_moving_average`` when TensorFlow is
-installed.
+The ``keras2`` preset (``varshift/core/presets.py``) reproduces the update rule pinned here,
+read from the Keras 2.x sources (see ``docs/keras2.md``). This module checks the reference
+against closed forms, against varshift's engine update (the preset, and where the conventions
+coincide), and against TensorFlow's own ``assign_moving_average`` when TensorFlow is installed
+(Keras 2.x itself needs TensorFlow 1.x, not installable on Python 3.11).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from varshift.core.presets import Preset
+from varshift.core.dropout import InputMoments
+from varshift.core.errors import ValidationError
+from varshift.core.presets import PRESETS, Preset, resolve_preset
+from varshift.core.theory import running_stats
 from varshift.engine import bn_running_stats
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -196,3 +201,86 @@ def test_fused_path_applies_bessel_twice() -> None:
     fused = keras2_running_stats(batches, fused_bessel=True)
     plain = keras2_running_stats(batches, fused_bessel=False)
     np.testing.assert_allclose(fused.moving_variance / plain.moving_variance, 16 / 15, rtol=1e-13)
+
+
+# --- the keras2 preset against the reference ------------------------------------------------
+
+
+def test_keras2_preset_is_the_reference_without_zero_debias() -> None:
+    """The engine under ``keras2`` is Keras 2.3.x's update (no zero-debias) to rounding."""
+    batches = stream(seed=3, steps=400)
+    ref = keras2_running_stats(batches, zero_debias=False)
+    engine = bn_running_stats(batches, PRESETS["keras2"])
+    cond = max(float(np.max((b**2).mean(0) / b.var(0))) for b in batches)
+    tol = ema_tol(len(batches), 0.99, cond, 16)
+    np.testing.assert_allclose(engine.running_mean, ref.moving_mean, rtol=tol, atol=tol)
+    np.testing.assert_allclose(engine.running_var, ref.moving_variance, rtol=tol, atol=tol)
+
+
+def test_keras2_preset_and_zero_debias_differ_by_the_initial_values_weight() -> None:
+    """Keras 2.1.3–2.2.5 (zero-debias) and the preset: ``R_plain = a^T + (1 - a^T) R_debias``
+    exactly, so they differ by ``a^T |1 - R_debias|``: large at first, gone after ~1000 steps."""
+    m = 0.99
+    for steps in (1, 10, 100, 1500):
+        batches = stream(seed=4, steps=steps)
+        debiased = keras2_running_stats(batches, zero_debias=True)
+        engine = bn_running_stats(batches, PRESETS["keras2"])
+        want = m**steps + (1 - m**steps) * debiased.moving_variance
+        tol = ema_tol(steps, m, 10.0, 16) * 4
+        np.testing.assert_allclose(engine.running_var, want, rtol=tol)
+    assert m**1500 < 3e-7  # after the classic run's 31300 steps: 0.99^31300 ≈ 2e-137
+
+
+def test_keras2_eps_override_moves_the_divisor() -> None:
+    preset = resolve_preset("keras2", eps=0.25)
+    assert preset.eps == 0.25 and preset.estimator.ddof == 1.25
+    batches = stream(seed=5, steps=60, n=4)
+    ref = keras2_running_stats(batches, epsilon=0.25, zero_debias=False)
+    engine = bn_running_stats(batches, preset)
+    np.testing.assert_allclose(engine.running_var, ref.moving_variance, rtol=1e-12)
+    # ... and the default preset's divisor is n - 1.001, which differs visibly at n = 4.
+    default = bn_running_stats(batches, PRESETS["keras2"])
+    assert np.all(np.abs(default.running_var / engine.running_var - 1.0) > 1e-3)
+
+
+def test_keras2_expected_stored_variance_by_hand() -> None:
+    """E[s] = Var (n-1)/(n-1-eps) for iid inputs: v n/(n-1-eps) with E[v] = Var (n-1)/n."""
+    out = InputMoments.normal(5.0, 4.0)
+    rs = running_stats(out, PRESETS["keras2"], batch_size=32, steps=31300)
+    assert rs.batch_var_mean == pytest.approx(4.0 * 31 / 30.999, rel=1e-14)
+    assert rs.expected_var == pytest.approx(4.0 * 31 / 30.999, rel=1e-12)
+
+
+def test_keras2_needs_two_elements() -> None:
+    with pytest.raises(ValidationError, match=r"batch_size must be >= 2 for keras2"):
+        PRESETS["keras2"].check_batch(1)
+    assert PRESETS["keras2"].check_batch(2) == 2
+
+
+def test_zero_debias_is_tensorflows_assign_moving_average() -> None:
+    """The reference's zero-debias stream against TensorFlow's own ``assign_moving_average(...,
+    zero_debias=True)`` (the call of Keras 2.1.3–2.2.5's ``moving_average_update``), run in a
+    TF1 graph; and the plain stream against ``zero_debias=False``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tf = pytest.importorskip("tensorflow")
+        from tensorflow.python.training import moving_averages
+    values = np.random.default_rng(2).normal(2.0, 1.0, size=(40, 3))
+    for debias in (True, False):
+        graph = tf.Graph()
+        with graph.as_default(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            var = tf.compat.v1.get_variable("x", initializer=np.ones(3), dtype=tf.float64)
+            value = tf.compat.v1.placeholder(tf.float64, shape=(3,))
+            update = moving_averages.assign_moving_average(var, value, 0.99, zero_debias=debias)
+            with tf.compat.v1.Session(graph=graph) as session:
+                session.run(tf.compat.v1.global_variables_initializer())
+                for v in values:
+                    session.run(update, {value: v})
+                got = session.run(var)
+        # assign_moving_average converts 1 - decay to a float32 tensor before casting it to
+        # the variable's dtype (as tf_keras does): the float64 run uses float32(0.01).
+        m = 1.0 - float(np.float32(1.0 - 0.99))
+        want = moving_average_stream(values, np.ones(3), m, zero_debias=debias)
+        np.testing.assert_allclose(got, want, rtol=ema_tol(40, 0.99, 10.0, 1))

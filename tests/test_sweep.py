@@ -289,7 +289,10 @@ def test_plot_and_html_write_their_files(tmp_path: Path) -> None:
         (["--rate", "0.5,1.2"], "rate must be in [0, 1); got 1.2"),
         (["--width", "2.5"], "--width must be integers; got 2.5"),
         (["--dropout", "zoneout"], "--dropout must be one of bernoulli"),
-        (["--framework", "caffe"], "--framework must be one of torch, keras, tf-keras, flax"),
+        (
+            ["--framework", "caffe"],
+            "--framework must be one of torch, keras, tf-keras, keras2, flax",
+        ),
         (["--var", "1", "--std", "1"], "give either --var or --std, not both"),
         (["--var", "-1"], "var must be >= 0; got -1"),
         (["--topology", "direct", "--D", "4"], "--width, --D and --rho need --topology linear"),

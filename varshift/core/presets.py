@@ -102,6 +102,21 @@ BIASED = Estimator("biased", 0.0, "n")
 UNBIASED = Estimator("unbiased", 1.0, "n-1")
 
 
+def keras2_estimator(eps: float) -> Estimator:
+    """Multi-backend Keras 2.1.4–2.3.1: the biased variance times ``n/(n - 1 - eps)``.
+
+    ``BatchNormalization.call`` in keras-team/keras ``keras/layers/normalization.py`` writes
+    ``variance *= sample_size / (sample_size - (1.0 + self.epsilon))`` before the moving
+    average, with the layer's own epsilon: ``ddof = 1 + eps``.
+
+    Examples
+    --------
+    >>> keras2_estimator(1e-3).ddof, keras2_estimator(1e-3).min_batch
+    (1.001, 2)
+    """
+    return Estimator("unbiased-eps", 1.0 + eps, "n-1-eps")
+
+
 @dataclass(frozen=True, init=False)
 class Preset:
     """How one framework's BatchNorm records its running statistics; every difference is a field.
@@ -110,7 +125,7 @@ class Preset:
     ----------
     name:
         The ``--framework`` name (``torch``, ``keras``, ``tf-keras`` = the fused path for 4-D/5-D
-        inputs, ``flax``).
+        inputs, ``keras2`` = multi-backend Keras 2.x, ``flax``).
     momentum:
         The momentum in the framework's own meaning, or ``None`` (cumulative average).
     alpha:
@@ -119,7 +134,8 @@ class Preset:
     eps:
         The epsilon added inside the square root, ``1/sqrt(var + eps)``.
     estimator:
-        The stored batch variance (:class:`Estimator`): biased (÷ n) or unbiased (÷ (n-1)).
+        The stored batch variance (:class:`Estimator`): biased (÷ n), unbiased (÷ (n-1)) or
+        Keras 2's ÷ (n-1-eps).
     momentum_is_decay:
         True if ``momentum`` is the weight of the old value (Keras, Flax); False if it is the
         weight of the new batch (PyTorch: ``alpha = 1 - momentum``).
@@ -128,6 +144,9 @@ class Preset:
         is refused.
     min_eps:
         The framework raises a smaller eps to this value (TF's fused kernel: 1.001e-5).
+    eps_in_ddof:
+        True if the stored estimator's ``ddof`` is ``1 + eps`` (Keras 2.x,
+        :func:`keras2_estimator`), so that an eps override moves it too.
     label:
         The framework as people name it (``PyTorch``), for prose and messages.
     source:
@@ -147,6 +166,7 @@ class Preset:
     momentum_is_decay: bool
     none_is_cumulative: bool
     min_eps: float
+    eps_in_ddof: bool
     label: str
     source: str
 
@@ -162,6 +182,7 @@ class Preset:
         momentum_is_decay: bool = True,
         none_is_cumulative: bool = False,
         min_eps: float = 0.0,
+        eps_in_ddof: bool = False,
         label: str = "",
         source: str = "",
     ) -> None:
@@ -180,6 +201,7 @@ class Preset:
             "momentum_is_decay": momentum_is_decay,
             "none_is_cumulative": none_is_cumulative,
             "min_eps": min_eps,
+            "eps_in_ddof": eps_in_ddof,
             "label": label or name,
             "source": source,
         }
@@ -201,11 +223,12 @@ class Preset:
         return momentum if self.momentum_is_decay else 1.0 - momentum
 
     def stored_factor(self, n: int) -> float:
-        """Expected stored batch variance over the population variance: 1 or ``(n-1)/n``."""
+        """Expected stored batch variance over the population variance: 1, ``(n-1)/n`` or
+        ``(n-1)/(n-1-eps)`` (:meth:`Estimator.over_population`)."""
         return self.estimator.over_population(n)
 
     def stored_over_biased(self, n: int) -> float:
-        """Stored batch variance over the biased one: ``n/(n-1)`` (unbiased) or 1."""
+        """Stored batch variance over the biased one: ``n/(n - ddof)`` (1 when biased)."""
         return self.estimator.over_biased(n)
 
     def check_batch(self, n: int, name: str = "batch_size") -> int:
@@ -241,7 +264,8 @@ PRESETS: dict[str, Preset] = {
         source="keras/src/layers/normalization/batch_normalization.py (biased moving_variance)",
     ),
     # tf.keras fused path (4-D/5-D inputs): TF's fused kernel Bessel-corrects; eps >= 1.001e-5.
-    # Its non-fused path (2-D inputs) behaves like the keras preset.
+    # Its non-fused path (2-D inputs, e.g. after Dense) stores the biased variance, like the
+    # keras preset; multi-backend Keras 2.1.4–2.3.1 is the keras2 preset.
     "tf-keras": Preset(
         "tf-keras",
         0.99,
@@ -251,6 +275,24 @@ PRESETS: dict[str, Preset] = {
         min_eps=1.001e-5,
         label="tf.keras (fused)",
         source="tensorflow/core/kernels/fused_batch_norm_op.cc (unbiased; eps >= 1.001e-5)",
+    ),
+    # Multi-backend Keras 2.x (docs/keras2.md): exact for 2.3.0–2.3.1 on the TensorFlow backend
+    # (2-D inputs; 4-D too under TF 2, where the fused branch is off) and for 2.1.4–2.3.1 on
+    # Theano. 2.1.4–2.2.5 on TensorFlow also zero-debias the moving average
+    # (R_t = sum_k (1-a) a^(t-k) s_k / (1 - a^t)): the same values once a^t is negligible
+    # (a^t < 1e-4 after 917 updates at 0.99), not over the first updates; and their fused
+    # 4-D path under TF 1.x Bessel-corrects twice. Neither is modelled.
+    "keras2": Preset(
+        "keras2",
+        0.99,
+        0.99,
+        eps=1e-3,
+        estimator=keras2_estimator(1e-3),
+        eps_in_ddof=True,
+        label="Keras 2.x (multi-backend)",
+        source="keras/layers/normalization.py BatchNormalization.call, keras-team/keras "
+        "2.1.4–2.3.1 (variance *= n / (n - (1 + epsilon))); keras/backend/tensorflow_backend.py "
+        "moving_average_update 2.3.x (plain EMA; 2.1.3–2.2.5 zero-debias, not modelled)",
     ),
     "flax": Preset(
         "flax",
@@ -277,14 +319,15 @@ def resolve_preset(
     Parameters
     ----------
     framework:
-        A key of :data:`PRESETS`: ``torch``, ``keras``, ``tf-keras``, ``flax``.
+        A key of :data:`PRESETS`: ``torch``, ``keras``, ``tf-keras``, ``keras2``, ``flax``.
     momentum:
         ``"default"`` keeps the framework's default; a float is read in the framework's own
         meaning (torch: weight of the new batch; others: decay); ``None`` selects torch's
         cumulative average and is rejected for the other frameworks.
     eps:
         Overrides the framework's epsilon; raised to the preset's ``min_eps`` (tf-keras:
-        1.001e-5) like the framework does.
+        1.001e-5) like the framework does; for ``keras2`` it also sets the stored variance's
+        divisor ``n - 1 - eps``.
 
     Examples
     --------
@@ -312,4 +355,6 @@ def resolve_preset(
     if eps is not None:
         e = check_range("eps", eps, 0.0, None)
         preset = replace(preset, eps=max(e, preset.min_eps) if preset.min_eps else e)
+        if preset.eps_in_ddof:
+            preset = replace(preset, estimator=keras2_estimator(preset.eps))
     return preset

@@ -48,20 +48,22 @@ class BNState:
 
 
 def stored_over_biased(preset: Preset, n: int) -> float:
-    """The stored batch variance over the biased one (÷ n): ``n/(n-1)`` (unbiased) or 1.
+    """The stored batch variance over the biased one (÷ n): ``n/(n - ddof)`` of the preset's
+    estimator (``n/(n-1)`` unbiased, ``n/(n-1-eps)`` keras2, 1 biased).
 
     Not :meth:`varshift.core.presets.Preset.stored_factor`, which is the *expected* stored
     variance over the *population* variance (1 or ``(n-1)/n``): the two differ by ``n/(n-1)``.
     """
-    return n / (n - 1) if preset.unbiased else 1.0
+    return preset.stored_over_biased(n) if preset.estimator.ddof else 1.0
 
 
 def stored_variance(biased: FloatArray, elements: IntArray, preset: Preset) -> FloatArray:
     """Per-batch stored variances ``(K, F)`` from biased ones, batch ``k`` of ``elements[k]``
     elements per channel: :func:`stored_over_biased`, vectorised over the batches."""
-    if not preset.unbiased:
+    ddof = preset.estimator.ddof
+    if not ddof:
         return biased
-    return biased * (elements / (elements - 1))[:, None]
+    return biased * (elements / (elements - ddof))[:, None]
 
 
 def ema_weights(alpha: float, exponents: FloatArray) -> FloatArray:
@@ -205,8 +207,8 @@ def bn_running_stats(
         (batches may differ in size). The channel axis is 1 of each batch, as in PyTorch's
         ``BatchNorm1d/2d``; statistics reduce over the batch and spatial axes.
     preset:
-        The framework convention: decay ``alpha`` (or the cumulative average) and whether the
-        stored batch variance is unbiased (÷ (n-1)) or biased (÷ n).
+        The framework convention: decay ``alpha`` (or the cumulative average) and the stored
+        batch variance's estimator (biased ÷ n, unbiased ÷ (n-1), keras2 ÷ (n-1-eps)).
     state:
         Statistics to continue from; default :meth:`BNState.initial` (mean 0, variance 1).
 
@@ -223,7 +225,7 @@ def bn_running_stats(
 
     Notes
     -----
-    Per batch ``t``: mean ``m_t``, biased variance ``v_t``, stored ``s_t = v_t n/(n-1)`` or ``v_t``;
+    Per batch ``t``: mean ``m_t``, biased variance ``v_t``, stored ``s_t = v_t n/(n-ddof)``;
     ``R_t = alpha R_{t-1} + (1-alpha) s_t`` (``R_t = R_{t-1} + (s_t - R_{t-1})/t`` when
     cumulative). This is the update the engine of :func:`varshift.engine.simulate` uses; it is
     exposed so the conformance tests can feed the same batches to PyTorch and Keras.

@@ -338,11 +338,12 @@ def _epoch_batches(
     preset.check_batch(batch * positions, "batch_size")
     full, rest = divmod(rows, batch)
     last = 0 if config.drop_last else rest
-    if last and preset.unbiased and last * positions < 2:
+    need = preset.estimator.min_batch
+    if last and last * positions < need:
         raise ValidationError(
             f"the last batch of each epoch would hold {last} row ({rows} samples, batch_size "
-            f"{batch}); {preset.name} stores the unbiased variance, which needs >= 2 elements: "
-            "use drop_last (--drop-last) or another batch size"
+            f"{batch}); {preset.name} stores the {preset.estimator.name} variance, which needs "
+            f">= {need} elements: use drop_last (--drop-last) or another batch size"
         )
     return full, last
 

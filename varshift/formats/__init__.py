@@ -36,6 +36,7 @@ from varshift.formats.registry import (
     detect_format,
     format_from_extension,
     get_format,
+    output_format,
     read_stats,
     write_stats,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "detect_format",
     "format_from_extension",
     "get_format",
+    "output_format",
     "read_stats",
     "write_stats",
 ]

@@ -192,6 +192,9 @@ class Format:
         only its keys can tell.
     extra:
         The optional dependency it needs, or ``None``.
+    claims:
+        Extensions of *another* format that this one takes over when its :attr:`sniff`
+        recognises the content (a legacy Keras ``model.h5`` among Keras 3 ``.h5`` files).
     """
 
     name: str
@@ -202,6 +205,7 @@ class Format:
     sniff: Sniffer | None = None
     framework: str | None = None
     extra: Extra | None = None
+    claims: tuple[str, ...] = ()
 
 
 # --- helpers shared by the readers and writers ----------------------------------------------

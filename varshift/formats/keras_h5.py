@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -37,9 +38,36 @@ EXTRA = Extra("keras", "h5py", "h5py")
 _KERAS_BN = re.compile(r"^(sync_)?batch_normalization(_\d+)?$")
 
 
-def sniff(head: bytes, path: Path) -> bool:
-    """The HDF5 signature."""
+def hdf5_signature(head: bytes) -> bool:
+    """Whether the first bytes are the HDF5 signature."""
     return head.startswith(b"\x89HDF\r\n\x1a\n")
+
+
+def legacy_root(fh: Any) -> Any:
+    """The group of a legacy Keras HDF5 file that holds ``layer_names`` (``model_weights`` of
+    a full-model save, else the root), or ``None`` for any other HDF5 file."""
+    for group in (fh.get("model_weights"), fh):
+        if group is not None and any(re.fullmatch(r"layer_names\d*", k) for k in group.attrs):
+            return group
+    return None
+
+
+def is_legacy(path: Path) -> bool:
+    """Whether an HDF5 file is a legacy Keras one (``False`` when h5py is missing)."""
+    try:
+        import h5py
+    except ImportError:
+        return False
+    try:
+        with h5py.File(path, "r") as fh:
+            return legacy_root(fh) is not None
+    except OSError:
+        return False
+
+
+def sniff(head: bytes, path: Path) -> bool:
+    """The HDF5 signature, unless the file is a legacy Keras one (format ``keras-legacy``)."""
+    return hdf5_signature(head) and not is_legacy(path)
 
 
 def _natural_key(text: str) -> list[Any]:
@@ -57,32 +85,44 @@ def read(path: Path, fmt: str) -> BNStats:
             f"{path}: not a readable HDF5 file (truncated or corrupt?): {first_line(exc)}"
         ) from None
     with fh:
-        root = fh.get("layers")
-        if root is None:
-            root = fh.get("_layer_checkpoint_dependencies")  # Keras 2.13 spelling
-        if root is None:
-            raise InputFileError(
-                f"{path}: no 'layers' group: not a Keras 3 .weights.h5 file (legacy tf.keras "
-                "HDF5 weights are not supported)"
-            )
-        groups: list[str] = []
-        root.visititems(
-            lambda name, obj: (
-                groups.append(name)
-                if isinstance(obj, h5py.Group) and _KERAS_BN.match(name.rsplit("/", 1)[-1])
-                else None
-            )
-        )
-        count, count_key = _keras_iterations(fh)
-        layers: dict[str, BNLayer] = {}
-        for rel in sorted(groups, key=_natural_key):
-            group = root[rel]
-            if "vars" not in group:
-                continue
-            layer = _keras_layer(group["vars"], str(path), count, count_key)
-            name = layer.name if layer.name not in layers else group["vars"].name
-            layers[name] = replace(layer, name=name)
+        layers = read_layers(fh, str(path), h5py)
     return make_stats(layers, fmt, path, "keras", Origin(None))
+
+
+def read_layers(fh: Any, where: str, h5py: Any) -> dict[str, BNLayer]:
+    """The BN layers of an open Keras 3 weights file (also the ``.keras`` archive's member).
+
+    Raises
+    ------
+    InputFileError
+        No ``layers`` group, or a BN ``vars`` group that is not 2 to 4 variables.
+    """
+    root = fh.get("layers")
+    if root is None:
+        root = fh.get("_layer_checkpoint_dependencies")  # Keras 2.13 spelling
+    if root is None:
+        raise InputFileError(
+            f"{where}: no 'layers' group: not a Keras 3 .weights.h5 file (a legacy Keras "
+            "model.save('x.h5') file is read as format keras-legacy)"
+        )
+    groups: list[str] = []
+    root.visititems(
+        lambda name, obj: (
+            groups.append(name)
+            if isinstance(obj, h5py.Group) and _KERAS_BN.match(name.rsplit("/", 1)[-1])
+            else None
+        )
+    )
+    count, count_key = _keras_iterations(fh)
+    layers: dict[str, BNLayer] = {}
+    for rel in sorted(groups, key=_natural_key):
+        group = root[rel]
+        if "vars" not in group:
+            continue
+        layer = _keras_layer(group["vars"], where, count, count_key)
+        name = layer.name if layer.name not in layers else group["vars"].name
+        layers[name] = replace(layer, name=name)
+    return layers
 
 
 def _keras_iterations(fh: Any) -> tuple[int | None, str | None]:
@@ -146,12 +186,18 @@ def write(stats: BNStats, path: Path, fmt: str) -> None:
     with replacing(path) as tmp:
         shutil.copyfile(stats.source, tmp)
         with h5py.File(tmp, "r+") as fh:
-            for layer in stats.layers.values():
-                for role, values in (("mean", layer.mean), ("var", layer.var)):
-                    ds = fh[layer.keys[role]]
-                    new = cast(values, ds.dtype, ds.shape)
-                    if not np.array_equal(new, ds[()], equal_nan=True):
-                        ds[...] = new
+            rewrite_layers(fh, stats.layers)
+
+
+def rewrite_layers(fh: Any, layers: Mapping[str, BNLayer]) -> None:
+    """Rewrite in place, in an open HDF5 file, the mean and variance datasets (``keys``) whose
+    values changed after casting to their stored dtype; every other byte is left alone."""
+    for layer in layers.values():
+        for role, values in (("mean", layer.mean), ("var", layer.var)):
+            ds = fh[layer.keys[role]]
+            new = cast(values, ds.dtype, ds.shape)
+            if not np.array_equal(new, ds[()], equal_nan=True):
+                ds[...] = new
 
 
 FORMAT = Format(

@@ -28,7 +28,16 @@ from pathlib import Path
 from types import MappingProxyType
 
 from varshift.core.errors import InputFileError, OutputFileError
-from varshift.formats import json_stats, keras_h5, npz, safetensors_file, table, torch_pt
+from varshift.formats import (
+    json_stats,
+    keras_archive,
+    keras_h5,
+    keras_legacy_h5,
+    npz,
+    safetensors_file,
+    table,
+    torch_pt,
+)
 from varshift.formats.base import BNStats, Format
 
 _RECORDS: tuple[Format, ...] = (
@@ -39,6 +48,8 @@ _RECORDS: tuple[Format, ...] = (
     safetensors_file.FORMAT,
     torch_pt.FORMAT,
     keras_h5.FORMAT,
+    keras_archive.FORMAT,
+    keras_legacy_h5.FORMAT,
 )
 
 #: Format name → its record, in registry order.
@@ -74,8 +85,24 @@ def format_from_extension(path: str | os.PathLike[str]) -> str | None:
     return _EXTENSIONS.get(Path(path).suffix.lower())
 
 
+def output_format(path: str | os.PathLike[str], source_format: str) -> str:
+    """The format an output file gets: the source's when that format claims the extension (a
+    legacy Keras ``.h5`` in, ``.h5`` out), else the extension's, else the source's.
+
+    Examples
+    --------
+    >>> output_format("fixed.h5", "keras-legacy"), output_format("fixed.h5", "torch")
+    ('keras-legacy', 'keras')
+    """
+    suffix = Path(path).suffix.lower()
+    if source_format in REGISTRY and suffix in REGISTRY[source_format].claims:
+        return source_format
+    return format_from_extension(path) or source_format
+
+
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """The format of an existing file: from its extension, else from its first bytes.
+    """The format of an existing file: from its extension (unless a format that claims the
+    extension recognises the content), else from its first bytes.
 
     Raises
     ------
@@ -89,11 +116,18 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """
     p = Path(path)
     fmt = format_from_extension(p)
-    if fmt is not None:
-        return fmt
+    head = b""
     if p.is_file():
         with p.open("rb") as fh:
             head = fh.read(16)
+    if fmt is not None:
+        # A format that claims this extension takes the file when it recognises the content.
+        for record in _RECORDS:
+            claims = p.suffix.lower() in record.claims
+            if claims and head and record.sniff is not None and record.sniff(head, p):
+                return record.name
+        return fmt
+    if p.is_file():
         for record in _RECORDS:
             if record.sniff is not None and record.sniff(head, p):
                 return record.name
@@ -161,7 +195,8 @@ def write_stats(
     path:
         The output; written to a temporary file in its folder, then renamed into place.
     fmt:
-        One of :data:`FORMATS`; ``None`` takes it from the extension, else the input's format.
+        One of :data:`FORMATS`; ``None`` takes it from the extension (the input's format when
+        that format claims the extension: a legacy Keras ``.h5``), else the input's format.
     force:
         Replace an existing file.
 
@@ -181,7 +216,7 @@ def write_stats(
         written; the target format cannot hold the data.
     """
     out = Path(path)
-    name = get_format(fmt).name if fmt is not None else format_from_extension(out) or stats.format
+    name = get_format(fmt).name if fmt is not None else output_format(out, stats.format)
     if out.exists() and not force:
         raise OutputFileError(f"{out}: already exists; pass --force to overwrite it")
     if stats.source is not None and out.exists() and out.samefile(stats.source):

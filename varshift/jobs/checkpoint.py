@@ -17,7 +17,7 @@ from typing import Any
 from varshift.core.errors import InputFileError, ValidationError
 from varshift.core.files import OutputPlan
 from varshift.core.presets import Preset, resolve_preset
-from varshift.formats import BNStats, format_from_extension, read_stats, write_stats
+from varshift.formats import BNStats, output_format, read_stats, write_stats
 from varshift.jobs._meta import run_metadata
 from varshift.jobs.correct import (
     CorrectionConfig,
@@ -197,7 +197,7 @@ def correct_file(job: CorrectJob, plan: OutputPlan | None = None) -> CorrectResu
     )
     fmt = stats.format
     if job.output is not None:
-        fmt = format_from_extension(job.output) or stats.format
+        fmt = output_format(job.output, stats.format)
         _plan_outputs(job, plan or OutputPlan([job.file], force=job.force))
     correction = correct_stats(stats, config)
     written: tuple[Path, ...] = ()

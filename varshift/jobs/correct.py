@@ -403,7 +403,8 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
                 name, "corrected", shown_rate, layer.channels, before, after, ratio, clipped
             )
         )
-    if config.batch_size is None and not config.preset.unbiased and config.method == "debiased":
+    biased = not config.preset.estimator.ddof
+    if config.batch_size is None and biased and config.method == "debiased":
         warnings.append(
             f"{config.preset.name} stores the biased batch variance (÷ n); without --batch-size "
             "the debiasing step is skipped (the result equals --method naive)"

@@ -80,7 +80,7 @@ def simulate_parameters(job: SimulateJob) -> dict[str, object]:
         "framework": preset.name,
         "momentum": preset.momentum,
         "alpha": preset.alpha,
-        "stored_variance": "unbiased" if preset.unbiased else "biased",
+        "stored_variance": preset.estimator.name,
         "eps": preset.eps,
         "batch_size": config.batch_size,
         "samples": config.samples,
@@ -130,7 +130,9 @@ def notes(job: SimulateJob) -> tuple[str, ...]:
         # presets.py: the tf-keras preset is TF's fused kernel, used for 4-D/5-D inputs only.
         return (
             "note: tf-keras stores the unbiased variance only on its fused (4-D) path; after a "
-            "Dense layer tf.keras stores the biased one, like --framework keras",
+            "Dense layer tf.keras (TensorFlow 2, tf_keras) stores the biased one, like "
+            "--framework keras, and multi-backend Keras 2.1.4–2.3.1 stores it times "
+            "n/(n-1-eps): --framework keras2",
         )
     return ()
 

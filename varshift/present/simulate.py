@@ -116,7 +116,7 @@ def title(result: SimulateResult) -> str:
     alpha = "cumulative" if preset.alpha is None else f"alpha {preset.alpha:g}"
     return (
         f"{config.dropout} dropout, rate {config.rate:g} → BatchNorm ({config.topology}), "
-        f"{preset.name} ({alpha}, {'unbiased' if preset.unbiased else 'biased'}), "
+        f"{preset.name} ({alpha}, {preset.estimator.name}), "
         f"{s.rows} rows, batch {s.batch_size}, seed {result.job.seed}"
     )
 
