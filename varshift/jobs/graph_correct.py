@@ -71,7 +71,7 @@ def _measured_or_gaussian(s: LayerStructure) -> tuple[FloatArray, str]:
         ex2 = gaussian_second_moment(act, mean, var)
     except ValidationError as exc:
         raise _Refusal(f"{exc}; give --data or {RECALIBRATE}") from None
-    how = "closed form" if act in ("relu", "identity") else "Gauss–Hermite quadrature"
+    how = "closed form" if act in ("relu", "identity") else "numerical quadrature"
     return ex2, (
         f"E[x²] from the feeding BN's γ, β through {act} ({how}), its output taken as Gaussian"
     )
