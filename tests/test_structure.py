@@ -108,7 +108,7 @@ def loop_oracle(w2: np.ndarray, e: np.ndarray, geo: ConvGeometry) -> np.ndarray:
     kernel, size = w2.shape[2:], e.shape[1:]
     outs = [
         (n + p[0] + p[1] - d * (k - 1) - 1) // s + 1
-        for n, k, s, d, p in zip(size, kernel, geo.stride, geo.dilation, geo.padding)
+        for n, k, s, d, p in zip(size, kernel, geo.stride, geo.dilation, geo.padding, strict=True)
     ]
     total = np.zeros(out_ch)
     for k in range(out_ch):
@@ -118,9 +118,11 @@ def loop_oracle(w2: np.ndarray, e: np.ndarray, geo: ConvGeometry) -> np.ndarray:
                 for tap in itertools.product(*(range(kk) for kk in kernel)):
                     src = [
                         o * s + t * d - p[0]
-                        for o, s, t, d, p in zip(pos, geo.stride, tap, geo.dilation, geo.padding)
+                        for o, s, t, d, p in zip(
+                            pos, geo.stride, tap, geo.dilation, geo.padding, strict=True
+                        )
                     ]
-                    if all(0 <= i < n for i, n in zip(src, size)):
+                    if all(0 <= i < n for i, n in zip(src, size, strict=True)):
                         total[k] += w2[(k, c, *tap)] * e[(g * per_group + c, *src)]
     return total / np.prod(outs)
 
