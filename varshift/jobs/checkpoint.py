@@ -20,6 +20,7 @@ from varshift.core.presets import Preset, resolve_preset
 from varshift.formats import BNStats, format_from_extension, read_stats, write_stats
 from varshift.jobs._meta import run_metadata
 from varshift.jobs.correct import (
+    UNKNOWN_WARNING,
     CorrectionConfig,
     CorrectionResult,
     LayerCorrection,
@@ -231,9 +232,10 @@ def correct_file(job: CorrectJob, plan: OutputPlan | None = None) -> CorrectResu
     written: tuple[Path, ...] = ()
     if job.output is not None:
         written = (write_stats(correction.stats, job.output, fmt, force=True),)
-    meta = run_metadata(
-        "correct", parameters(job, stats, config), warnings=list(correction.warnings)
-    )
+    unknown = f"{stats.where}: {UNKNOWN_WARNING}"
+    warnings = [unknown, *correction.warnings]
+    meta = run_metadata("correct", parameters(job, stats, config), warnings=warnings)
+    notes = (*notes, f"warning: {unknown}")
     return CorrectResult(job, config, correction, fmt, written, notes, meta)
 
 

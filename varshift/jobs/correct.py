@@ -198,6 +198,11 @@ def select_rates(
 
 #: What the report says of a layer corrected without knowing the model's structure.
 UNKNOWN_ASSUMPTION = "structure unknown: assumed directly after dropout"
+#: The one warning of a correction without the model's structure.
+UNKNOWN_WARNING = (
+    "model structure unknown: every layer assumed directly after dropout (exact only there; "
+    "give --model to classify each BatchNorm)"
+)
 #: The formula of the direct case, by dropout kind.
 DIRECT_FORMULA = {
     "bernoulli": "direct: q·(V + mu²) − mu²",
@@ -401,7 +406,8 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
     Notes
     -----
     Without the model's structure every selected BN is assumed to follow the dropout
-    directly (case (a)); each row says so, and one warning names it.
+    directly (case (a)); each row says so (the job adds one warning:
+    :data:`UNKNOWN_WARNING`).
     :func:`varshift.jobs.graph_correct.correct_with_structure` applies the formula each
     layer's class calls for when the structure is known.
 
@@ -445,11 +451,6 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
                 clipped,
                 UNKNOWN_ASSUMPTION,
             )
-        )
-    if names:
-        warnings.append(
-            f"{stats.where}: model structure unknown: every layer assumed directly after dropout "
-            "(give --model to classify each BatchNorm)"
         )
     if config.batch_size is None and not config.preset.unbiased and config.method == "debiased":
         warnings.append(
