@@ -126,10 +126,15 @@ def _feeder(bns: Mapping[str, Any], name: str | None) -> FeederBN | None:
 
 
 def _conv_input_size(handle: Any) -> tuple[int, ...] | None:
-    """Spatial input size of a functional conv, from an exported graph's recorded shapes."""
-    if not isinstance(handle, fx.Node) or not isinstance(handle.args[0], fx.Node):
+    """Spatial input size of a functional conv, from an exported graph's recorded shapes (the
+    dropout and BN modules put in by ``module_from_export`` keep shapes and record none: the
+    walk goes back through them)."""
+    node = handle.args[0] if isinstance(handle, fx.Node) else None
+    while isinstance(node, fx.Node) and "val" not in node.meta and node.op == "call_module":
+        node = node.args[0] if node.args else None
+    if not isinstance(node, fx.Node):
         return None
-    shape = getattr(handle.args[0].meta.get("val"), "shape", None)
+    shape = getattr(node.meta.get("val"), "shape", None)
     try:
         return None if shape is None else tuple(int(s) for s in shape[2:])
     except TypeError:  # a symbolic size
