@@ -34,7 +34,8 @@ class Target(StrEnum):
 
 FILE_HELP = (
     "Checkpoint or statistics file: .pt/.pth (PyTorch state dict or training checkpoint), "
-    ".weights.h5 (Keras 3), .safetensors, .npz, .csv/.tsv, .json."
+    ".weights.h5 (Keras 3), .safetensors, .npz, .csv/.tsv, .json; for correct also a "
+    "torch.export archive .pt2 (its own structure)."
 )
 
 INSPECT_EPILOG = """\
@@ -112,7 +113,9 @@ def correct(
     rate: Annotated[
         float | None,
         typer.Option(
-            "--rate", "-r", help="Dropout rate (probability of dropping) for every layer."
+            "--rate",
+            "-r",
+            help="Dropout rate (probability of dropping) for every layer (without --model).",
         ),
     ] = None,
     layer: Annotated[
@@ -232,7 +235,7 @@ def correct(
         ),
     ] = None,
 ) -> None:
-    """Correct the running variances of BatchNorm layers that follow dropout, without data.
+    """Correct the running variances of BatchNorm layers behind dropout, without data.
 
     Without --model the structure is unknown: each selected layer is assumed to follow the
     dropout directly, and its stored variance V and mean mu become what it sees at test time,
