@@ -151,6 +151,17 @@ def test_bad_input_with_model(
     assert not out.exists()
 
 
+def test_input_shape_the_model_rejects(tmp_path: Path) -> None:
+    path = tmp_path / "conv.pt"
+    torch.save(trained("conv", 0.2, 0).state_dict(), path)
+    args = ["correct", path, "-m", "tests._graph_nets:conv_net", "--dry-run"]
+    one_line_error(*run(*args, "--input-shape", "9")[::2], "--input-shape 9: data: the model")
+    code, stdout, err = run(*args, "--input-shape", "64", "-f", "json")
+    assert code == 0, err
+    six = next(r for r in json.loads(stdout)["rows"] if r["layer"] == "6")
+    assert six["action"] == "corrected" and "padding ignored" not in six["assumption"]
+
+
 def test_data_needs_the_model(tmp_path: Path, checkpoint: Path) -> None:
     code, _, err = run("correct", checkpoint, "--rate", "0.5", "--data", "x.npy", "--dry-run")
     one_line_error(code, err, "--data and --input-shape need the model's structure")

@@ -87,14 +87,55 @@ def _by_stats_name(
     return out
 
 
-def _example(job: CorrectJob, batches: Any) -> Any:
+def _config(job: CorrectJob) -> CorrectionConfig:
+    if job.layers:
+        raise ValidationError(
+            "--layer cannot be combined with --model: the dropout rates are read from the model"
+        )
+    return CorrectionConfig(
+        rate=job.rate,
+        exclude=job.exclude,
+        preset=resolve_preset(job.framework or "torch"),
+        batch_size=job.batch_size,
+        method=job.method,
+        target=job.target,
+        from_model=True,
+    )
+
+
+def _params(job: CorrectJob, stats: BNStats, config: CorrectionConfig) -> dict[str, object]:
+    model = job.model
+    data = job.data
+    return {
+        **parameters(job, stats, config),
+        "model": Path(model).name if model and model.endswith(".pt2") else model,
+        "model_args": list(job.model_args),
+        "data": None if data is None else (data if ":" in data else Path(data).name),
+        "input_shape": None if job.input_shape is None else list(job.input_shape),
+    }
+
+
+def _structures(
+    loaded: LoadedModel, graph: Any, job: CorrectJob, batches: Any
+) -> dict[str, LayerStructure]:
+    """The torch reader's records; the example batch (first data batch, else zeros of
+    ``--input-shape``) gives the convolutions' input sizes."""
+    from varshift.frameworks.torch.structure import layer_structures
+
     torch = _torch()
     if batches is not None:
-        for x, _ in batches:
-            return x[:2]
-    if job.input_shape is not None:
-        return torch.zeros((2, *job.input_shape))
-    return None
+        example = next(iter(batches))[0][:2]
+    elif job.input_shape is not None:
+        example = torch.zeros((2, *job.input_shape))
+    else:
+        return layer_structures(loaded.module, graph)
+    try:
+        return layer_structures(loaded.module, graph, example)
+    except ValidationError as exc:
+        if batches is not None:
+            raise
+        shape = ",".join(map(str, job.input_shape or ()))
+        raise ValidationError(f"--input-shape {shape}: {exc}") from None
 
 
 def _batches(job: CorrectJob) -> Any:
@@ -139,23 +180,9 @@ def correct_model_file(job: CorrectJob, plan: OutputPlan | None = None) -> Corre
         model, bad data, and a ``.pt2`` input written to anything but ``.pt2``.
     """
     from varshift.frameworks.torch.graph import classify
-    from varshift.frameworks.torch.structure import layer_structures
 
     _torch()
-    config = CorrectionConfig(
-        rate=job.rate,
-        rules=(),
-        exclude=job.exclude,
-        preset=resolve_preset(job.framework or "torch"),
-        batch_size=job.batch_size,
-        method=job.method,
-        target=job.target,
-        from_model=True,
-    )
-    if job.layers:
-        raise ValidationError(
-            "--layer cannot be combined with --model: the dropout rates are read from the model"
-        )
+    config = _config(job)
     archive = job.file.suffix.lower() == ".pt2"
     fmt = "pt2" if archive else None
     if job.output is not None:
@@ -171,9 +198,7 @@ def correct_model_file(job: CorrectJob, plan: OutputPlan | None = None) -> Corre
         fmt = fmt or stats.format
     graph = classify(loaded.module)
     batches = _batches(job)
-    structure = _by_stats_name(
-        stats, layer_structures(loaded.module, graph, _example(job, batches))
-    )
+    structure = _by_stats_name(stats, _structures(loaded, graph, job, batches))
     correction = correct_with_structure(stats, config, structure)
     if batches is not None:
         measured = _measured(loaded, graph, structure, correction, batches)
@@ -182,16 +207,7 @@ def correct_model_file(job: CorrectJob, plan: OutputPlan | None = None) -> Corre
     written: tuple[Path, ...] = ()
     if job.output is not None:
         written = (_write(loaded, correction, job, archive, fmt),)
-    params = {
-        **parameters(job, stats, config),
-        "model": Path(job.model).name if job.model and job.model.endswith(".pt2") else job.model,
-        "model_args": list(job.model_args),
-        "data": None
-        if job.data is None
-        else (job.data if ":" in job.data else Path(job.data).name),
-        "input_shape": None if job.input_shape is None else list(job.input_shape),
-    }
-    meta = run_metadata("correct", params, warnings=list(correction.warnings))
+    meta = run_metadata("correct", _params(job, stats, config), warnings=list(correction.warnings))
     return CorrectResult(job, config, correction, fmt, written, notes, meta)
 
 
