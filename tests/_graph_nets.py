@@ -44,6 +44,23 @@ def conv_net(rate: float = 0.5, channelwise: bool = False, c1: int = 8, c2: int 
     )
 
 
+class _Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.drop, self.bn = nn.Linear(64, 8), nn.Dropout(0.5), nn.BatchNorm1d(8)
+
+    def forward(self, x: Any) -> Any:
+        h = self.drop(self.fc(x))
+        return self.bn(h) if h.sum() > 0 else self.bn(-h)
+
+
+def untraceable_net() -> Any:
+    """Factory: Linear → Dropout → BN behind an ``if`` on the data."""
+    return _Branchy()
+
+
 FACTORIES = {"stacked": stacked_net, "linear": linear_net, "conv": conv_net}
 
 

@@ -162,6 +162,25 @@ def test_input_shape_the_model_rejects(tmp_path: Path) -> None:
     assert six["action"] == "corrected" and "padding ignored" not in six["assumption"]
 
 
+def test_untraceable_model_is_not_corrected(tmp_path: Path) -> None:
+    from tests._graph_nets import untraceable_net
+
+    path = tmp_path / "b.pt"
+    torch.save(untraceable_net().state_dict(), path)
+    code, _, err = run(
+        "correct", path, "-m", "tests._graph_nets:untraceable_net", "-o", tmp_path / "o.pt"
+    )
+    assert code == 0, err
+    assert "the model could not be traced" in err
+    report = json.loads((tmp_path / "o.pt.report.json").read_text())
+    (bn,) = report["rows"]
+    assert (bn["kind"], bn["action"]) == ("unknown", "not corrected")
+    assert "could not be traced" in bn["assumption"]
+    np.testing.assert_array_equal(
+        read_stats(path).layers["bn"].var, read_stats(tmp_path / "o.pt").layers["bn"].var
+    )
+
+
 def test_data_needs_the_model(tmp_path: Path, checkpoint: Path) -> None:
     code, _, err = run("correct", checkpoint, "--rate", "0.5", "--data", "x.npy", "--dry-run")
     one_line_error(code, err, "--data and --input-shape need the model's structure")
