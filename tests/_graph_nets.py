@@ -44,6 +44,22 @@ def conv_net(rate: float = 0.5, channelwise: bool = False, c1: int = 8, c2: int 
     )
 
 
+def head_net(rate: float = 0.5, c1: int = 8, width: int = 32) -> Any:
+    """Factory: (1×8×8) Conv3×3(pad 1)→BN2d→ReLU→Dropout→Flatten→Linear→BN1d→ReLU→Linear."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, c1, 3, padding=1),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.Dropout(rate),
+        nn.Flatten(),
+        nn.Linear(c1 * 64, width),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        nn.Linear(width, 10),
+    )
+
+
 class _Branchy(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace it."""
 
@@ -61,7 +77,7 @@ def untraceable_net() -> Any:
     return _Branchy()
 
 
-FACTORIES = {"stacked": stacked_net, "linear": linear_net, "conv": conv_net}
+FACTORIES = {"stacked": stacked_net, "linear": linear_net, "conv": conv_net, "head": head_net}
 
 
 def _settle(net: Any, seed: int) -> None:

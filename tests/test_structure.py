@@ -168,3 +168,16 @@ def test_conv_term_without_input_size_counts_every_tap() -> None:
 def test_structure_class_is_checked() -> None:
     with pytest.raises(ValidationError, match="class must be one of"):
         LayerStructure("bn", "sideways")
+
+
+def test_flattened_inputs_in_both_layouts() -> None:
+    from varshift.core.structure import flattened
+
+    per_channel = np.array([1.0, 2.0])
+    assert flattened(per_channel, 6).tolist() == [1, 1, 1, 2, 2, 2]
+    assert flattened(per_channel, 6, "channels_last").tolist() == [1, 2, 1, 2, 1, 2]
+    per_position = np.arange(6.0).reshape(2, 3)  # (C, P)
+    assert flattened(per_position, 6).tolist() == [0, 1, 2, 3, 4, 5]
+    assert flattened(per_position, 6, "channels_last").tolist() == [0, 3, 1, 4, 2, 5]
+    with pytest.raises(ValidationError, match="not a whole number"):
+        flattened(per_channel, 5)

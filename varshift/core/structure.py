@@ -116,6 +116,9 @@ class LayerStructure:
     noise_sum:
         Channel-wise dropout with data: the measured ``Σ_c E[(W_kc ⋆ x_c)²]`` per output
         channel, position-averaged (the term without ``1/q − 1``; cross terms included).
+    layout:
+        How a Linear after a flatten orders an image's values: ``channels_first`` (torch's
+        NCHW) or ``channels_last`` (Keras' NHWC default).
     path:
         Readable path, e.g. ``bn1 → relu → drop → fc2 → bn2``.
     """
@@ -132,6 +135,7 @@ class LayerStructure:
     further_noise: tuple[str, ...] = ()
     ex2: FloatArray | None = None
     noise_sum: FloatArray | None = None
+    layout: str = "channels_first"
     path: str = ""
 
     def __post_init__(self) -> None:
@@ -265,8 +269,37 @@ def _tap_means(ex2: FloatArray, kernel: tuple[int, ...], conv: ConvGeometry) -> 
     return means
 
 
+def flattened(ex2: FloatArray, features: int, layout: str = "channels_first") -> FloatArray:
+    """``E[x²]`` as the ``features`` inputs of a Linear after a flatten.
+
+    Per position ``(C, *spatial)``: flattened in the given layout. Per channel ``(C,)`` with
+    ``features = C·P``: each channel's value for its ``P`` positions, channel-major
+    (``channels_first``, torch's ``flatten`` of NCHW) or position-major (``channels_last``).
+
+    Raises
+    ------
+    ValidationError
+        ``features`` is not a whole number of channels.
+    """
+    e = np.asarray(ex2, dtype=np.float64)
+    if e.ndim > 1:
+        e = e.reshape(-1) if layout == "channels_first" else np.moveaxis(e, 0, -1).reshape(-1)
+    if e.size == features:
+        return e
+    if e.size == 0 or features % e.size:
+        raise ValidationError(
+            f"{features} linear inputs are not a whole number of {e.size} channels"
+        )
+    repeat = features // e.size
+    return np.repeat(e, repeat) if layout == "channels_first" else np.tile(e, repeat)
+
+
 def dropout_term(
-    weight: FloatArray, ex2: FloatArray, rate: float, conv: ConvGeometry | None = None
+    weight: FloatArray,
+    ex2: FloatArray,
+    rate: float,
+    conv: ConvGeometry | None = None,
+    layout: str = "channels_first",
 ) -> FloatArray:
     """``(1/q − 1)·Σ W² E[x²]`` per output channel (position-averaged for a convolution).
 
@@ -282,6 +315,8 @@ def dropout_term(
     conv:
         The geometry of a convolution; with an unknown ``input_size`` and per-channel ``ex2``
         every tap is counted (padding ignored).
+    layout:
+        How a Linear sees a flattened image (:func:`flattened`).
 
     Examples
     --------
@@ -292,7 +327,7 @@ def dropout_term(
     e = np.asarray(ex2, dtype=np.float64)
     factor = 1.0 / (1.0 - rate) - 1.0
     if conv is None:
-        return np.asarray(factor * (w2 @ e))
+        return np.asarray(factor * (w2 @ flattened(e, w2.shape[1], layout)))
     kernel = tuple(w2.shape[2:])
     if e.ndim == 1 and conv.input_size is not None:
         e = np.broadcast_to(e.reshape(-1, *([1] * len(kernel))), (e.size, *conv.input_size))

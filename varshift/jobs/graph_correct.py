@@ -108,8 +108,10 @@ def through_linear_term(s: LayerStructure) -> _Term:
             "; input size unknown: every kernel tap counted, padding ignored (overstates the "
             "term at the borders; give --input-shape)"
         )
+    if s.conv is None and np.ndim(ex2) == 1 and np.size(ex2) != s.weight.shape[1]:
+        assumption += "; flattened image: the channel's E[x²] taken at each of its positions"
     try:
-        values = dropout_term(s.weight, ex2, s.rate, s.conv)
+        values = dropout_term(s.weight, ex2, s.rate, s.conv, s.layout)
     except (ValueError, ValidationError) as exc:
         raise _Refusal(f"dropout term not computable: {exc}; {RECALIBRATE}") from None
     if values.shape != (s.weight.shape[0],):
