@@ -138,6 +138,7 @@ def test_exported_conv_counts_its_padding(tmp_path: Path) -> None:
     [
         (["--rate", "0.5"], "--rate and --layer cannot be combined with --model"),
         (["--layer", "5=0.5"], "--layer cannot be combined with --model"),
+        (["--dropout", "alpha"], "--dropout alpha cannot be combined with --model"),
         (["--input-shape", "a,b"], "--input-shape must be positive integers"),
         (["--model-arg", "width=32"], "does not match the model"),
     ],

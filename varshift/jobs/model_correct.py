@@ -88,6 +88,11 @@ def _by_stats_name(
 
 
 def _config(job: CorrectJob) -> CorrectionConfig:
+    if job.dropout != "bernoulli":
+        raise ValidationError(
+            f"--dropout {job.dropout} cannot be combined with --model: the dropout kinds are "
+            "read from the model"
+        )
     if job.layers:
         raise ValidationError(
             "--layer cannot be combined with --model: the dropout rates are read from the model"
