@@ -35,7 +35,8 @@ class Target(StrEnum):
 FILE_HELP = (
     "Checkpoint or statistics file: .pt/.pth (PyTorch state dict or training checkpoint), "
     ".weights.h5 (Keras 3), .keras (Keras archive), legacy Keras .h5 (model.save), "
-    ".safetensors, .npz, .csv/.tsv, .json."
+    ".safetensors, .npz, .csv/.tsv, .json; for correct also a torch.export archive .pt2 "
+    "(its own structure)."
 )
 
 INSPECT_EPILOG = """\
@@ -52,6 +53,12 @@ CORRECT_EPILOG = """\
 Examples:
 
   varshift correct model.pt --rate 0.5 -o fixed.pt
+
+  varshift correct model.pt --model mypkg.nets:build -o fixed.pt
+
+  varshift correct net.pt2 --input-shape 3,32,32 -o fixed.pt2
+
+  varshift correct model.pt -m mypkg.nets:build --data train.npz -o fixed.pt
 
   varshift correct model.weights.h5 --rate 0.3 --batch-size 64 -o fixed.weights.h5
 
@@ -107,7 +114,9 @@ def correct(
     rate: Annotated[
         float | None,
         typer.Option(
-            "--rate", "-r", help="Dropout rate (probability of dropping) for every layer."
+            "--rate",
+            "-r",
+            help="Dropout rate (probability of dropping) for every layer (without --model).",
         ),
     ] = None,
     layer: Annotated[
@@ -189,13 +198,57 @@ def correct(
         OutputFormat.table
     ),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only print results.")] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="The model's structure: package.module:factory (imports and runs that code; "
+            "FILE is loaded into it strictly) or a torch.export archive .pt2 (runs no code). "
+            "Each BatchNorm then gets its class's formula; rates are read from the model.",
+        ),
+    ] = None,
+    model_arg: Annotated[
+        list[str] | None,
+        typer.Option("--model-arg", help="KEY=VALUE argument of the factory (repeatable)."),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="With --model: data (npy, npz, safetensors, csv, or package.module:function) "
+            "to measure E[x²] of the dropout inputs of through-linear layers.",
+        ),
+    ] = None,
+    input_key: Annotated[
+        str | None, typer.Option(help="Input array of an .npz/.safetensors --data file.")
+    ] = None,
+    max_batches: Annotated[
+        int | None, typer.Option(help="Read at most this many --data batches.")
+    ] = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            metavar="C,H,W",
+            help="With --model: shape of one input sample; one forward pass on zeros gives "
+            "each convolution's input size, so its zero padding is counted.",
+        ),
+    ] = None,
 ) -> None:
-    """Correct the running variances of BatchNorm layers that follow dropout, without data.
+    """Correct the running variances of BatchNorm layers behind dropout, without data.
 
-    Each selected layer's stored variance V and mean mu become what the layer sees at test
-    time, v = (V + mu²)/kappa - mu² (bernoulli: q (V + mu²) - mu², q = 1 - rate), after
-    undoing the (n-1)/n of biased conventions when --batch-size is given (DESIGN §2, case
-    (a): the BN directly follows the dropout). Prints a before/after table per layer and
+    Without --model the structure is unknown: each selected layer is assumed to follow the
+    dropout directly, and its stored variance V and mean mu become what it sees at test time,
+    v = (V + mu²)/kappa - mu² (bernoulli: q (V + mu²) - mu², q = 1 - rate), after undoing the
+    (n-1)/n of biased conventions when --batch-size is given.
+
+    With --model (or a .pt2 FILE) every BatchNorm is classified from the graph: direct gets
+    that formula (exact); through-linear (dropout → Linear/Conv → BN) gets
+    V − (1/q − 1)·Σ W²·E[x²], mean unchanged, E[x²] from the feeding BN's γ, β through the
+    activation (Gaussian) or measured with --data; stacked (noise further up) is not
+    corrected (use `varshift recalibrate`); none is left untouched. The report says, per layer,
+    the class, formula, assumption and the dropout term. Prints a before/after table per layer and
     writes the corrected file and a report; the input is never modified. A corrected
     variance ≤ 0 is an error unless it is within noise of zero, then it is clipped to the
     framework's eps with a warning.
@@ -223,6 +276,12 @@ def correct(
         target=target.value,
         report=None if dry_run or no_report or output is None else report or default_report(output),
         force=force,
+        model=model,
+        model_args=tuple(model_arg or ()),
+        data=data,
+        input_key=input_key,
+        max_batches=max_batches,
+        input_shape=parse_shape(input_shape),
     )
     result = correct_file(job, plan)
     written = [*result.written, *filter(None, [show.write_correct_report(result)])]
@@ -238,6 +297,19 @@ def correct(
         what = "no corrected file or report written" if shown else "nothing written"
         _notes([f"dry run: {what}"], quiet)
     _notes([f"wrote {path}" for path in shown], quiet)
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``"1,8,8"`` → ``(1, 8, 8)``."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise ValidationError(f"--input-shape must be positive integers like 1,8,8; got {text!r}")
+    return shape
 
 
 def _notes(lines: list[str] | tuple[str, ...], quiet: bool) -> None:

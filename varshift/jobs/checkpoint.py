@@ -20,6 +20,7 @@ from varshift.core.presets import Preset, resolve_preset
 from varshift.formats import BNStats, output_format, read_stats, write_stats
 from varshift.jobs._meta import run_metadata
 from varshift.jobs.correct import (
+    UNKNOWN_WARNING,
     CorrectionConfig,
     CorrectionResult,
     LayerCorrection,
@@ -129,6 +130,16 @@ class CorrectJob:
         the presentation layer; ``None``: no report.
     force:
         Replace existing outputs.
+    model, model_args:
+        The model's structure (:mod:`varshift.jobs.model_correct`): ``package.module:factory``
+        (runs that code) with ``KEY=VALUE`` arguments, or a ``.pt2`` archive (no user code);
+        a ``.pt2`` ``file`` is its own structure. ``None``: structure unknown, every layer
+        assumed directly after dropout.
+    data, input_key, data_batch_size, max_batches:
+        Optional data to measure ``E[x²]`` of the dropout inputs (through-linear layers).
+    input_shape:
+        Shape of one input sample; one forward pass on zeros gives each convolution's input
+        size, so its zero padding is counted.
     """
 
     file: Path
@@ -144,6 +155,18 @@ class CorrectJob:
     target: str = "framework"
     report: Path | None = None
     force: bool = False
+    model: str | None = None
+    model_args: tuple[str, ...] = ()
+    data: str | None = None
+    input_key: str | None = None
+    data_batch_size: int = 256
+    max_batches: int | None = None
+    input_shape: tuple[int, ...] | None = None
+
+    @property
+    def structured(self) -> bool:
+        """True when the model's structure is known (``--model``, or a ``.pt2`` file)."""
+        return self.model is not None or self.file.suffix.lower() == ".pt2"
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,6 +204,12 @@ def correct_file(job: CorrectJob, plan: OutputPlan | None = None) -> CorrectResu
         Unreadable input or inconsistent statistics; invalid parameters; an output that is the
         input, exists without ``force``, or cannot be written.
     """
+    if job.structured:
+        from varshift.jobs.model_correct import correct_model_file
+
+        return correct_model_file(job, plan)
+    if job.data is not None or job.input_shape is not None:
+        raise ValidationError("--data and --input-shape need the model's structure: give --model")
     stats = read_stats(job.file)
     _require_layers(stats)
     name, notes = _framework(stats, job.framework)
@@ -198,18 +227,20 @@ def correct_file(job: CorrectJob, plan: OutputPlan | None = None) -> CorrectResu
     fmt = stats.format
     if job.output is not None:
         fmt = output_format(job.output, stats.format)
-        _plan_outputs(job, plan or OutputPlan([job.file], force=job.force))
+        plan_outputs(job, plan or OutputPlan([job.file], force=job.force))
     correction = correct_stats(stats, config)
     written: tuple[Path, ...] = ()
     if job.output is not None:
         written = (write_stats(correction.stats, job.output, fmt, force=True),)
-    meta = run_metadata(
-        "correct", _parameters(job, stats, config), warnings=list(correction.warnings)
-    )
+    unknown = f"{stats.where}: {UNKNOWN_WARNING}"
+    warnings = [unknown, *correction.warnings]
+    meta = run_metadata("correct", parameters(job, stats, config), warnings=warnings)
+    notes = (*notes, f"warning: {unknown}")
     return CorrectResult(job, config, correction, fmt, written, notes, meta)
 
 
-def _plan_outputs(job: CorrectJob, plan: OutputPlan) -> None:
+def plan_outputs(job: CorrectJob, plan: OutputPlan) -> None:
+    """Check the output and the report against the input and existing files."""
     assert job.output is not None
     report = job.report
     if report is not None and report.suffix.lower().lstrip(".") not in REPORT_FORMATS:
@@ -219,7 +250,8 @@ def _plan_outputs(job: CorrectJob, plan: OutputPlan) -> None:
         plan.add(report)
 
 
-def _parameters(job: CorrectJob, stats: BNStats, config: CorrectionConfig) -> dict[str, object]:
+def parameters(job: CorrectJob, stats: BNStats, config: CorrectionConfig) -> dict[str, object]:
+    """The run parameters recorded in the report's metadata."""
     return {
         "file": job.file.name,
         "format": stats.format,

@@ -109,6 +109,9 @@ class CorrectionConfig:
         See :func:`varshift.core.theory.corrected_variance`.
     clip_z, clip_rtol:
         Clipping tolerances (module docstring).
+    from_model:
+        The rates and dropout kinds come from the model's structure (``--model``): no rate
+        is needed.
     """
 
     rate: float | None = None
@@ -122,6 +125,7 @@ class CorrectionConfig:
     target: str = "framework"
     clip_z: float = CLIP_Z
     clip_rtol: float = CLIP_RTOL
+    from_model: bool = False
 
     def __post_init__(self) -> None:
         if self.rate is not None:
@@ -134,7 +138,12 @@ class CorrectionConfig:
             self.preset.check_batch(self.batch_size)
         check_range("clip_z", self.clip_z, 0.0, None)
         check_range("clip_rtol", self.clip_rtol, 0.0, 1.0)
-        if self.rate is None and not self.rules and self.dropout != "uout":
+        if self.from_model and (self.rate is not None or self.rules):
+            raise ValidationError(
+                "--rate and --layer cannot be combined with --model: the dropout rates are read "
+                "from the model (use --exclude to leave layers alone)"
+            )
+        if self.rate is None and not self.rules and self.dropout != "uout" and not self.from_model:
             raise ValidationError(
                 "give the dropout rate: --rate R for every layer, or --layer PATTERN=RATE"
             )
@@ -187,14 +196,37 @@ def select_rates(
 # --- correction -------------------------------------------------------------------------------
 
 
+#: What the report says of a layer corrected without knowing the model's structure.
+UNKNOWN_ASSUMPTION = "structure unknown: assumed directly after dropout"
+#: The one warning of a correction without the model's structure.
+UNKNOWN_WARNING = (
+    "model structure unknown: every layer assumed directly after dropout (exact only there; "
+    "give --model to classify each BatchNorm)"
+)
+#: The formula of the direct case, by dropout kind.
+DIRECT_FORMULA = {
+    "bernoulli": "direct: q·(V + mu²) − mu²",
+    "vanilla": "direct: q·(V + mu²) − mu²",
+    "gaussian": "direct: q·(V + mu²) − mu²",
+    "uout": "direct: (V + mu²)/kappa − mu²",
+    "alpha": "direct: alpha dropout's affine noise inverted (mean and variance)",
+}
+
+
 @dataclass(frozen=True)
 class LayerCorrection:
     """One layer's before/after summary.
 
     Attributes
     ----------
-    layer, action:
-        The layer name and ``corrected``, ``excluded`` or ``not selected``.
+    layer, kind:
+        The layer name and its class (DESIGN §5): ``direct``, ``through-linear``, ``stacked``,
+        ``none``, or ``unknown`` when the file says nothing about the model's structure.
+    action:
+        ``corrected``, ``excluded``, ``not selected``, ``not corrected`` (a class or an input
+        the data-free formulas do not cover) or ``untouched`` (no dropout upstream).
+    formula:
+        The formula applied (empty when left alone).
     rate:
         The dropout rate used (``None`` when left alone).
     channels:
@@ -204,18 +236,26 @@ class LayerCorrection:
         convention of the chosen ``target``).
     ratio:
         ``var_after / var_before``; for bernoulli with a zero mean this is ``q``.
+    dropout_term:
+        Through-linear: mean over channels of the dropout term subtracted, else ``None``.
     clipped:
         Channels whose corrected variance was ≤ 0 and were set to the floor.
+    assumption:
+        What the formula assumes here, or why the layer was left.
     """
 
     layer: str
+    kind: str
     action: str
+    formula: str
     rate: float | None
     channels: int
     var_before: float
     var_after: float
     ratio: float
+    dropout_term: float | None
     clipped: int
+    assumption: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -331,6 +371,14 @@ def _mean_ratio(before: FloatArray, after: FloatArray) -> tuple[float, float, fl
     return b, a, (a / b if b != 0 else math.nan)
 
 
+def left_alone(layer: BNLayer, kind: str, action: str, assumption: str = "") -> LayerCorrection:
+    """The row of a layer whose statistics stay as they are."""
+    before = float(np.mean(layer.var)) if layer.channels else math.nan
+    return LayerCorrection(
+        layer.name, kind, action, "", None, layer.channels, before, before, 1.0, None, 0, assumption
+    )
+
+
 def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
     """Apply the data-free correction to the selected layers of ``stats``.
 
@@ -357,9 +405,11 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
 
     Notes
     -----
-    Assumes each selected BN directly follows the dropout (case (a)); for dropout → linear →
-    BN (case (b)) the data-free correction does not apply and re-estimating the statistics
-    with dropout off is the remedy.
+    Without the model's structure every selected BN is assumed to follow the dropout
+    directly (case (a)); each row says so (the job adds one warning:
+    :data:`UNKNOWN_WARNING`).
+    :func:`varshift.jobs.graph_correct.correct_with_structure` applies the formula each
+    layer's class calls for when the structure is known.
 
     Examples
     --------
@@ -378,19 +428,7 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
         layer, rate = stats.layers[name], rates[name]
         if rate is None:
             excluded = any(fnmatchcase(name, p) for p in config.exclude)
-            before, _, _ = _mean_ratio(layer.var, layer.var)
-            rows.append(
-                LayerCorrection(
-                    name,
-                    "excluded" if excluded else "not selected",
-                    None,
-                    layer.channels,
-                    before,
-                    before,
-                    1.0,
-                    0,
-                )
-            )
+            rows.append(left_alone(layer, "unknown", "excluded" if excluded else "not selected"))
             continue
         new, clipped, warning = correct_layer(layer, rate, config, stats.where)
         if warning:
@@ -400,7 +438,18 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
         shown_rate = None if config.dropout == "uout" else rate
         rows.append(
             LayerCorrection(
-                name, "corrected", shown_rate, layer.channels, before, after, ratio, clipped
+                name,
+                "unknown",
+                "corrected",
+                DIRECT_FORMULA[config.dropout] + " (assumed)",
+                shown_rate,
+                layer.channels,
+                before,
+                after,
+                ratio,
+                None,
+                clipped,
+                UNKNOWN_ASSUMPTION,
             )
         )
     biased = not config.preset.estimator.ddof

@@ -47,9 +47,10 @@ def inspect_tables(result: InspectResult) -> tuple[Grid, Grid, str]:
 def correct_title(result: CorrectResult) -> str:
     """How many layers were corrected, in which file, under which assumptions."""
     config = result.config
+    dropout = "dropout from the model" if config.from_model else f"{config.dropout} dropout"
     return (
         f"{result.correction.corrected} of {len(result.rows)} BatchNorm layer(s) corrected in "
-        f"{result.job.file.name} ({config.dropout} dropout, {config.preset.name}, "
+        f"{result.job.file.name} ({dropout}, {config.preset.name}, "
         f"{config.method}, target {config.target})"
     )
 
@@ -96,8 +97,12 @@ def sections(result: CorrectResult, drawn: Drawn) -> list[Any]:
             "Per-layer running variance",
             (
                 "var_before and var_after are each layer's running variance averaged over its "
-                "channels; ratio = var_after / var_before (bernoulli with a zero mean: the keep "
-                "probability 1 − rate).",
+                "channels; ratio = var_after / var_before (bernoulli with a zero mean, directly "
+                "after the dropout: the keep probability 1 − rate). kind is the layer's class "
+                "(direct, through-linear, stacked, none; unknown without the model's "
+                "structure); formula and assumption say what was applied and what it assumes, "
+                "or why the layer was left; dropout_term is the mean over channels of the "
+                "through-linear term subtracted.",
                 *notes,
             ),
             figures=inline([drawn]),

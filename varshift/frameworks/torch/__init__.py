@@ -7,7 +7,10 @@ torch: the names below are loaded on first use (PEP 562), from
   through-linear, stacked, none, unknown);
 - :mod:`~varshift.frameworks.torch.passes`: :func:`diagnose`, :func:`recalibrate`,
   :func:`dropout_off`, :func:`bn_train_only`;
-- :mod:`~varshift.frameworks.torch.load`: :func:`load_model`, :func:`load_batches`.
+- :mod:`~varshift.frameworks.torch.load`: :func:`load_model`, :func:`load_batches`;
+- :mod:`~varshift.frameworks.torch.structure`: :func:`layer_structures` (each BN's path as a
+  framework-neutral :class:`varshift.core.structure.LayerStructure`, what ``correct --model``
+  corrects with) and :func:`measure_dropout_inputs`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ _EXPORTS = {
     "bn_train_only": "passes",
     "load_model": "load",
     "load_batches": "load",
+    "layer_structures": "structure",
+    "measure_dropout_inputs": "structure",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,230 @@
+"""Graph-aware data-free correction on nets trained here (issue 10): each BatchNorm's class gets
+its formula, checked against the test-time variance measured with plain torch (``eval()``,
+hooks on every BN input) — an oracle independent of varshift's code.
+
+Nets (tests/_graph_nets.py): trained 6 epochs, then BN statistics settled (dropout on, weights
+frozen, cumulative average over 280 batches). Dead channels (test-time variance 0: a ReLU that
+never fires) have no ratio and are left out of the per-channel ratios.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from tests._digits import digits  # noqa: E402
+from tests._graph_nets import eval_variance, trained  # noqa: E402
+from varshift.jobs.checkpoint import CorrectJob, CorrectResult, correct_file  # noqa: E402
+
+SEEDS = (0, 1, 2)
+RATES = (0.2, 0.5)
+FACTORY = {
+    "stacked": "tests._digits:stacked_net",
+    "linear": "tests._digits:linear_net",
+    "conv": "tests._graph_nets:conv_net",
+    "head": "tests._graph_nets:head_net",
+}
+#: Channels whose test-time variance is below this are dead (no ratio).
+DEAD = 1e-10
+
+
+def run(
+    tmp_path: Path, name: str, rate: float, seed: int, channelwise: bool = False, **job: Any
+) -> tuple[CorrectResult, dict[str, np.ndarray], Any]:
+    """Train (cached), save the state dict, correct it with the model's structure; the result,
+    the measured test-time variances, and the net."""
+    net = trained(name, rate, seed, channelwise)
+    checkpoint = tmp_path / f"{name}-{rate}-{seed}.pt"
+    torch.save(net.state_dict(), checkpoint)
+    args = (f"rate={rate}",) + (("channelwise=true",) if channelwise else ())
+    result = correct_file(CorrectJob(checkpoint, model=FACTORY[name], model_args=args, **job))
+    return result, eval_variance(net), net
+
+
+def ratios(result: CorrectResult, true: dict[str, np.ndarray], layer: str) -> np.ndarray:
+    """Corrected stored variance / measured test-time variance, live channels only."""
+    after, want = result.correction.stats.layers[layer].var, true[layer]
+    live = want > DEAD
+    return np.asarray(after[live] / want[live])
+
+
+def row(result: CorrectResult, layer: str) -> Any:
+    return next(r for r in result.rows if r.layer == layer)
+
+
+def within_target(r: np.ndarray, low: float, high: float) -> bool:
+    """Median in [low, high] and at least 90% of channels within ±10%."""
+    return bool(low <= np.median(r) <= high and np.mean(np.abs(r - 1.0) <= 0.10) >= 0.90)
+
+
+def direct_standard_error(net: Any, layer: str, rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per live channel: the relative standard error of the corrected variance.
+
+    The stored variance is the mean of B = 280 unbiased batch variances (n = 64) of the
+    dropout output ``y = x·m/q``, whose raw moments are ``E[x^k]/q^(k−1)``; the sd of one
+    unbiased sample variance is ``sqrt((mu4 − s⁴ (n−3)/(n−1))/n)`` (i.i.d. draws: an upper
+    bound here, each epoch nearly covers the data). The correction ``q (V + mu²) − mu²``
+    scales it by ``q``; the mean's noise enters through ``2 mu (1 − q)``.
+    """
+    x, _ = digits()
+    seen: dict[str, Any] = {}
+    module = dict(net.named_modules())[layer]
+    hook = module.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    with torch.no_grad():
+        net.eval()(x)
+    hook.remove()
+    v = seen["x"].double().numpy()
+    q, n, batches = 1.0 - rate, 64, 280
+    m = [np.mean(v**k, axis=0) / q ** (k - 1) for k in range(1, 5)]
+    mu, s2 = m[0], m[1] - m[0] ** 2
+    mu4 = m[3] - 4 * mu * m[2] + 6 * mu**2 * m[1] - 3 * mu**4
+    se_var = np.sqrt((mu4 - s2**2 * (n - 3) / (n - 1)) / n / batches)
+    se_mean = np.sqrt(s2 / (n * batches))
+    se = np.sqrt((q * se_var) ** 2 + (2 * mu * (1 - q) * se_mean) ** 2)
+    true = v.var(axis=0, ddof=1)
+    live = true > DEAD
+    return se[live] / true[live], live
+
+
+# --- MLPs: direct, stacked, none, through-linear -------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("rate", RATES)
+def test_direct_exact_and_stacked_left(tmp_path: Path, rate: float, seed: int) -> None:
+    result, true, net = run(tmp_path, "stacked", rate, seed)
+    direct, stacked = row(result, "3"), row(result, "7")
+    assert (direct.kind, direct.action, direct.rate) == ("direct", "corrected", rate)
+    assert direct.assumption.startswith("exact")
+    se, _ = direct_standard_error(net, "3", rate)
+    r = ratios(result, true, "3")
+    assert np.all(np.abs(r - 1.0) <= 4 * se), (r, se)  # each live channel within 4 se
+    assert (stacked.kind, stacked.action, stacked.formula) == ("stacked", "not corrected", "")
+    assert "recalibrate" in stacked.assumption and "2" in stacked.assumption  # names drop 2
+    before = net.state_dict()["7.running_var"].double().numpy()
+    np.testing.assert_array_equal(result.correction.stats.layers["7"].var, before)
+    assert stacked.var_after == stacked.var_before
+
+
+def _through_linear(tmp_path: Path, rate: float, seed: int, **job: Any) -> np.ndarray:
+    result, true, net = run(tmp_path, "linear", rate, seed, **job)
+    none, lin = row(result, "1"), row(result, "5")
+    assert (none.kind, none.action) == ("none", "untouched")
+    np.testing.assert_array_equal(
+        result.correction.stats.layers["1"].var, net.state_dict()["1.running_var"].numpy()
+    )
+    assert (lin.kind, lin.action) == ("through-linear", "corrected")
+    assert lin.formula.startswith("through-linear") and lin.dropout_term > 0
+    np.testing.assert_array_equal(  # the mean does not change
+        result.correction.stats.layers["5"].mean, net.state_dict()["5.running_mean"].numpy()
+    )
+    return ratios(result, true, "5")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_through_linear_data_free_rate_02(tmp_path: Path, seed: int) -> None:
+    r = _through_linear(tmp_path, 0.2, seed)
+    assert within_target(r, 0.97, 1.05), (np.median(r), np.mean(np.abs(r - 1) <= 0.1))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: median corrected/true 1.050, 1.049, 1.063 (seeds 0-2), all channels "
+    "within ±10% but 98% for seed 1: the Gaussian E[x²] under-estimates E[relu(z)²] by 12-14% "
+    "(the BN output is skewed, skewness ~0.3); with --data 1.003-1.012",
+)
+def test_through_linear_data_free_rate_05(tmp_path: Path) -> None:
+    results = [_through_linear(tmp_path, 0.5, seed) for seed in SEEDS]
+    assert all(within_target(r, 0.97, 1.05) for r in results), [np.median(r) for r in results]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("rate", RATES)
+def test_through_linear_with_data(tmp_path: Path, rate: float, seed: int) -> None:
+    data = tmp_path / "x.npy"
+    np.save(data, digits()[0].numpy())
+    r = _through_linear(tmp_path, rate, seed, data=str(data))
+    assert within_target(r, 0.97, 1.05), np.median(r)
+
+
+# --- conv net on 8×8 images ---------------------------------------------------------------------
+
+
+def _conv(tmp_path: Path, rate: float, seed: int, **job: Any) -> tuple[np.ndarray, Any]:
+    result, true, _ = run(tmp_path, "conv", rate, seed, **job)
+    assert (row(result, "2").kind, row(result, "2").action) == ("none", "untouched")
+    lin = row(result, "6")
+    assert (lin.kind, lin.action) == ("through-linear", "corrected"), lin.assumption
+    assert lin.formula.startswith("through-linear (conv)")
+    return ratios(result, true, "6"), lin
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_conv_data_free_rate_02(tmp_path: Path, seed: int) -> None:
+    r, lin = _conv(tmp_path, 0.2, seed, input_shape=(64,))
+    assert "padding ignored" not in lin.assumption
+    assert within_target(r, 0.95, 1.05), np.median(r)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: seed 0 median 0.921 with 58% of channels within ±10% (seeds 1, 2: 0.980 "
+    "and 1.012, all within ±10%); with --data 0.999-1.004",
+)
+def test_conv_data_free_rate_05(tmp_path: Path) -> None:
+    results = [_conv(tmp_path, 0.5, seed, input_shape=(64,))[0] for seed in SEEDS]
+    assert all(within_target(r, 0.95, 1.05) for r in results), [np.median(r) for r in results]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("rate", RATES)
+def test_conv_with_data(tmp_path: Path, rate: float, seed: int) -> None:
+    data = tmp_path / "x.npy"
+    np.save(data, digits()[0].numpy())
+    r, lin = _conv(tmp_path, rate, seed, data=str(data))
+    assert "measured" in lin.assumption
+    assert within_target(r, 0.98, 1.02), np.median(r)
+
+
+def test_conv_without_input_size_says_padding_ignored(tmp_path: Path) -> None:
+    _, lin = _conv(tmp_path, 0.2, 0)
+    assert "padding ignored" in lin.assumption and "--input-shape" in lin.assumption
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_channelwise_dropout_needs_data(tmp_path: Path, rate: float) -> None:
+    result, true, _ = run(tmp_path, "conv", rate, 0, channelwise=True, input_shape=(64,))
+    lin = row(result, "6")
+    assert (lin.kind, lin.action) == ("through-linear", "not corrected")
+    assert "channel-wise" in lin.assumption and "--data" in lin.assumption
+    data = tmp_path / "x.npy"
+    np.save(data, digits()[0].numpy())
+    result, true, _ = run(
+        tmp_path, "conv", rate, 0, channelwise=True, data=str(data), input_shape=(64,)
+    )
+    assert row(result, "6").action == "corrected"
+    assert within_target(ratios(result, true, "6"), 0.98, 1.02)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("rate", RATES)
+def test_dropout_flatten_linear_head(tmp_path: Path, rate: float, seed: int) -> None:
+    """Conv→BN2d→ReLU→Dropout→Flatten→Linear→BN1d: exact with measured E[x²] per position.
+    Data-free each channel's E[x²] stands for all its positions (stated in the report; measured
+    median 0.970-0.982 at rate 0.2 and 0.861-0.917 at rate 0.5 on these nets: no target)."""
+    data = tmp_path / "x.npy"
+    np.save(data, digits()[0].numpy())
+    free, _, _ = run(tmp_path, "head", rate, seed)
+    assert row(free, "7").action == "corrected"
+    assert "flattened image" in row(free, "7").assumption
+    result, true, _ = run(tmp_path, "head", rate, seed, data=str(data))
+    lin = row(result, "7")
+    assert (lin.kind, lin.action) == ("through-linear", "corrected")
+    assert within_target(ratios(result, true, "7"), 0.98, 1.02)
