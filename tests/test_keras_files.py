@@ -75,8 +75,11 @@ def save(model: Any, path: Path) -> None:
 
 
 def correct(source: Path, output: Path) -> None:
-    result = runner.invoke(app, ["correct", str(source), "--rate", str(RATE), "-o", str(output)])
+    """``correct`` of a file holding its architecture: the rate is read from its config, bn1
+    (Dropout → BN) is direct, bn2 (Dropout → BN → Dense → BN) stacked and left alone."""
+    result = runner.invoke(app, ["correct", str(source), "-o", str(output)])
     assert result.exit_code == 0, result.stderr
+    assert "direct" in result.stdout and "stacked" in result.stdout
 
 
 def expected(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
@@ -165,10 +168,10 @@ def test_keras_archive_is_corrected_member_by_member_and_loads(keras: Any, tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = keras.saving.load_model(fixed)
-    for name in ("bn1", "bn2"):
-        want = expected(stats.layers[name].mean, stats.layers[name].var)
-        np.testing.assert_allclose(layer_var(loaded, name), want, rtol=2 * EPS32)
-        assert not np.allclose(layer_var(loaded, name), layer_var(model, name))
+    want = expected(stats.layers["bn1"].mean, stats.layers["bn1"].var)
+    np.testing.assert_allclose(layer_var(loaded, "bn1"), want, rtol=2 * EPS32)
+    assert not np.allclose(layer_var(loaded, "bn1"), layer_var(model, "bn1"))
+    np.testing.assert_array_equal(layer_var(loaded, "bn2"), layer_var(model, "bn2"))
 
 
 @pytest.mark.keras
@@ -188,9 +191,10 @@ def test_keras3_legacy_h5_is_corrected_in_place_and_loads(keras: Any, tmp_path: 
         # ("not a KerasSaveable subclass"), for the uncorrected file just the same.
         loaded = keras.saving.load_model(fixed, compile=False)
     with h5py.File(source, "r") as fh:
-        for name in ("bn1", "bn2"):
-            mean, var = bn_values(fh, name)
-            np.testing.assert_allclose(layer_var(loaded, name), expected(mean, var), rtol=2 * EPS32)
+        mean, var = bn_values(fh, "bn1")
+        np.testing.assert_allclose(layer_var(loaded, "bn1"), expected(mean, var), rtol=2 * EPS32)
+        _, var2 = bn_values(fh, "bn2")  # stacked: left alone
+        np.testing.assert_array_equal(layer_var(loaded, "bn2"), var2)
 
 
 # --- tf.keras --------------------------------------------------------------------------------
@@ -209,9 +213,10 @@ def test_tf_keras_legacy_h5_is_corrected_and_loads(tfk: Any, tmp_path: Path) -> 
         warnings.simplefilter("ignore")
         loaded = tfk.models.load_model(fixed)
     with h5py.File(source, "r") as fh:
-        for name in ("bn1", "bn2"):
-            mean, var = bn_values(fh, name)
-            np.testing.assert_allclose(layer_var(loaded, name), expected(mean, var), rtol=2 * EPS32)
+        mean, var = bn_values(fh, "bn1")
+        np.testing.assert_allclose(layer_var(loaded, "bn1"), expected(mean, var), rtol=2 * EPS32)
+        _, var2 = bn_values(fh, "bn2")  # stacked: left alone
+        np.testing.assert_array_equal(layer_var(loaded, "bn2"), var2)
 
 
 def test_tf_keras_conv_model_is_read_as_the_fused_path(tfk: Any, tmp_path: Path) -> None:

@@ -165,8 +165,18 @@ class CorrectJob:
 
     @property
     def structured(self) -> bool:
-        """True when the model's structure is known (``--model``, or a ``.pt2`` file)."""
-        return self.model is not None or self.file.suffix.lower() == ".pt2"
+        """True when the model's structure is known: ``--model``, a ``.pt2`` file, or a Keras
+        file holding its architecture (a ``.keras`` archive, a legacy ``model.save`` ``.h5``)."""
+        return self.model is not None or self.file.suffix.lower() == ".pt2" or self.keras_model
+
+    @property
+    def keras_model(self) -> bool:
+        """True for a Keras file holding its architecture (read as JSON, nothing runs)."""
+        if self.model is not None or self.file.suffix.lower() not in (".keras", ".h5"):
+            return False
+        from varshift.frameworks.keras.structure import has_architecture
+
+        return has_architecture(self.file)
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,7 +23,14 @@ from varshift.core.errors import MissingDependencyError, ValidationError
 from varshift.core.files import OutputPlan, atomic_write
 from varshift.core.presets import resolve_preset
 from varshift.core.structure import LayerStructure
-from varshift.formats import BNLayer, BNStats, format_from_extension, read_stats, write_stats
+from varshift.formats import (
+    BNLayer,
+    BNStats,
+    format_from_extension,
+    output_format,
+    read_stats,
+    write_stats,
+)
 from varshift.jobs._meta import run_metadata
 from varshift.jobs.checkpoint import CorrectJob, CorrectResult, parameters, plan_outputs
 from varshift.jobs.correct import CorrectionConfig, CorrectionResult
@@ -184,6 +191,8 @@ def correct_model_file(job: CorrectJob, plan: OutputPlan | None = None) -> Corre
         As ``correct_file``; also a failing factory, a checkpoint that does not match the
         model, bad data, and a ``.pt2`` input written to anything but ``.pt2``.
     """
+    if job.keras_model:
+        return correct_keras_file(job, plan)
     from varshift.frameworks.torch.graph import classify
 
     _torch()
@@ -214,6 +223,39 @@ def correct_model_file(job: CorrectJob, plan: OutputPlan | None = None) -> Corre
         written = (_write(loaded, correction, job, archive, fmt),)
     meta = run_metadata("correct", _params(job, stats, config), warnings=list(correction.warnings))
     return CorrectResult(job, config, correction, fmt, written, notes, meta)
+
+
+def correct_keras_file(job: CorrectJob, plan: OutputPlan | None = None) -> CorrectResult:
+    """``correct`` of a ``.keras`` archive or legacy ``.h5`` model: the structure comes from
+    the file's architecture JSON (:mod:`varshift.frameworks.keras.structure`; nothing runs),
+    ``E[x²]`` from the BN feeding each through-linear dropout (no data path for Keras yet)."""
+    from varshift.frameworks.keras.structure import layer_structures
+
+    if job.data is not None or job.input_shape is not None:
+        raise ValidationError(
+            f"{job.file}: --data and --input-shape are for torch models; a Keras file is "
+            "corrected from its architecture alone"
+        )
+    if job.rate is not None or job.layers:
+        raise ValidationError(
+            f"{job.file}: --rate and --layer do not apply: the dropout rates are read from the "
+            "model's architecture in the file (use --exclude to leave layers alone)"
+        )
+    stats = read_stats(job.file)
+    config = replace(
+        _config(job), preset=resolve_preset(job.framework or stats.framework or "keras")
+    )
+    fmt = output_format(job.output, stats.format) if job.output else stats.format
+    if job.output is not None:
+        plan_outputs(job, plan or OutputPlan([job.file], force=job.force))
+    structure = _by_stats_name(stats, layer_structures(job.file))
+    correction = correct_with_structure(stats, config, structure)
+    written: tuple[Path, ...] = ()
+    if job.output is not None:
+        written = (write_stats(correction.stats, job.output, fmt, force=True),)
+    params = {**parameters(job, stats, config), "model": job.file.name}
+    meta = run_metadata("correct", params, warnings=list(correction.warnings))
+    return CorrectResult(job, config, correction, fmt, written, (), meta)
 
 
 def _write(
