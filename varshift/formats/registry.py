@@ -28,7 +28,15 @@ from pathlib import Path
 from types import MappingProxyType
 
 from varshift.core.errors import InputFileError, OutputFileError
-from varshift.formats import json_stats, keras_h5, npz, safetensors_file, table, torch_pt
+from varshift.formats import (
+    flax_msgpack,
+    json_stats,
+    keras_h5,
+    npz,
+    safetensors_file,
+    table,
+    torch_pt,
+)
 from varshift.formats.base import BNStats, Format
 
 _RECORDS: tuple[Format, ...] = (
@@ -39,6 +47,7 @@ _RECORDS: tuple[Format, ...] = (
     safetensors_file.FORMAT,
     torch_pt.FORMAT,
     keras_h5.FORMAT,
+    flax_msgpack.FORMAT,
 )
 
 #: Format name → its record, in registry order.
