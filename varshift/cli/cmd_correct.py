@@ -34,7 +34,7 @@ class Target(StrEnum):
 
 FILE_HELP = (
     "Checkpoint or statistics file: .pt/.pth (PyTorch state dict or training checkpoint), "
-    ".weights.h5 (Keras 3), .safetensors, .npz, .csv/.tsv, .json."
+    ".weights.h5 (Keras 3), .msgpack (Flax state), .safetensors, .npz, .csv/.tsv, .json."
 )
 
 INSPECT_EPILOG = """\
