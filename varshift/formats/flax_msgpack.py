@@ -17,7 +17,7 @@ same length, so every other byte of the file stays as it was. Optional extra ``f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -50,8 +50,9 @@ _STR_MARKERS = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
 
 
 class Leaf(NamedTuple):
-    """One array leaf of the tree: where its msgpack object lies in the file, and its ext."""
+    """One array leaf of the tree: its key, where its msgpack object lies in the file, its ext."""
 
+    key: str
     start: int
     end: int
     code: int
@@ -81,7 +82,7 @@ def _walk(unpacker: Any, data: bytes, path: str, leaves: dict[str, Leaf]) -> Non
         value = unpacker.unpack()
         code = getattr(value, "code", None)
         if code in (_NDARRAY, _NPSCALAR):
-            leaves[path] = Leaf(start, unpacker.tell(), int(code), bytes(value.data))
+            leaves[path] = Leaf(path, start, unpacker.tell(), int(code), bytes(value.data))
 
 
 def _leaves(data: bytes, path: Path, msgpack: Any) -> dict[str, Leaf]:
@@ -102,18 +103,18 @@ def _leaves(data: bytes, path: Path, msgpack: Any) -> dict[str, Leaf]:
     return leaves
 
 
-def _decode(leaf: Leaf, msgpack: Any, where: str, key: str) -> np.ndarray:
+def _decode(leaf: Leaf, msgpack: Any, where: str) -> np.ndarray:
     """The array of an ext leaf (``flax.serialization._ndarray_from_bytes``)."""
     try:
         shape, dtype_name, buffer = msgpack.unpackb(leaf.payload, raw=True)
         name = dtype_name.decode()
         if name == "bfloat16":
-            raise InputFileError(f"{where}: {key}: bfloat16 arrays are not supported")
+            raise InputFileError(f"{where}: {leaf.key}: bfloat16 arrays are not supported")
         return np.frombuffer(buffer, dtype=np.dtype(name)).reshape(shape)
     except InputFileError:
         raise
     except Exception as exc:  # a payload that is not (shape, dtype, bytes)
-        raise InputFileError(f"{where}: {key}: not a flax array: {first_line(exc)}") from None
+        raise InputFileError(f"{where}: {leaf.key}: not a flax array: {first_line(exc)}") from None
 
 
 def _encode(array: np.ndarray, msgpack: Any, code: int) -> Any:
@@ -134,30 +135,35 @@ def read(path: Path, fmt: str) -> BNStats:
     data = path.read_bytes()
     leaves = _leaves(data, path, msgpack)
     lookup = dict(_tensor_keys(leaves))
-    arrays = {k: _decode(leaves[f], msgpack, str(path), f) for k, f in lookup.items()}
+    found = {key: leaves[f] for key, f in lookup.items()}  # decoded only when a layer needs it
 
-    def convert(value: Any) -> Converted:
-        arr = np.asarray(value)
+    def convert(leaf: Leaf) -> Converted:
+        arr = _decode(leaf, msgpack, str(path))
         return arr.astype(np.float64).reshape(-1), tuple(arr.shape), str(arr.dtype)
 
-    layers, _ = layers_from_tensors(arrays, str(path), convert)
-    layers = {k: _with_file_keys(_linen_affine(v, arrays), lookup) for k, v in layers.items()}
+    layers, _ = layers_from_tensors(found, str(path), convert)
+    layers = {
+        k: _with_file_keys(_linen_affine(v, found, convert), lookup) for k, v in layers.items()
+    }
     return make_stats(layers, fmt, path, "flax", Origin(data, {"leaves": leaves}))
 
 
-def _linen_affine(layer: BNLayer, arrays: dict[str, np.ndarray]) -> BNLayer:
+def _linen_affine(
+    layer: BNLayer, found: dict[str, Leaf], convert: Callable[[Leaf], Converted]
+) -> BNLayer:
     """A Linen layer ``batch_stats/P`` takes its scale and bias from ``params/P``."""
     if not layer.name.startswith("batch_stats/") or layer.scale is not None:
         return layer
     rest = layer.name[len("batch_stats/") :]
     keys = dict(layer.keys)
-    found: dict[str, Any] = {}
+    affine: dict[str, Any] = {}
     for role in ("scale", "bias"):
         key = f"params/{rest}/{role}"
-        if key in arrays and arrays[key].size == layer.channels:
-            found[role] = np.asarray(arrays[key], dtype=np.float64).reshape(-1)
-            keys[role] = key
-    return replace(layer, keys=MappingProxyType(keys), **found)
+        if key in found:
+            values, _, _ = convert(found[key])
+            if values.size == layer.channels:
+                affine[role], keys[role] = values, key
+    return replace(layer, keys=MappingProxyType(keys), **affine)
 
 
 def _with_file_keys(layer: BNLayer, lookup: dict[str, str]) -> BNLayer:
@@ -181,7 +187,7 @@ def write(stats: BNStats, path: Path, fmt: str) -> None:
     for layer in stats.layers.values():
         for role, values in (("mean", layer.mean), ("var", layer.var)):
             leaf = leaves[layer.keys[role]]
-            old = _decode(leaf, msgpack, stats.where, layer.keys[role])
+            old = _decode(leaf, msgpack, stats.where)
             new = cast(values, old.dtype, old.shape)
             if np.array_equal(new, old, equal_nan=True):
                 continue
