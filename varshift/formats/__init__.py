@@ -15,16 +15,17 @@ npz           ``.npz``                    :mod:`varshift.formats.npz`
 safetensors   ``.safetensors``            :mod:`varshift.formats.safetensors_file`
 torch         ``.pt``, ``.pth``           :mod:`varshift.formats.torch_pt`
 keras         ``.weights.h5``, ``.h5``    :mod:`varshift.formats.keras_h5`
+flax          ``.msgpack``                :mod:`varshift.formats.flax_msgpack`
 ============  ==========================  ==============================================
 
 Files with another extension (``.ckpt``, ``.bin``, ``.tar``) are recognised by their content.
 Layouts follow ``shared/reference/frameworks.md`` §6. :mod:`varshift.formats.registry` says
 how to add a format.
 
-Safety: ``torch.load(weights_only=True)`` and ``np.load(allow_pickle=False)`` only, so a file
-cannot run code when it is read; inputs are never modified; outputs go to a temporary file in
-the target folder and are renamed into place. Optional packages (torch, h5py, safetensors) are
-imported only when a file that needs them is read or written.
+Safety: ``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)`` and plain msgpack
+only, so a file cannot run code when it is read; inputs are never modified; outputs go to a
+temporary file in the target folder and are renamed into place. Optional packages (torch,
+h5py, safetensors, msgpack) are imported only when a file that needs them is read or written.
 """
 
 from __future__ import annotations

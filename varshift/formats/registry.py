@@ -29,6 +29,7 @@ from types import MappingProxyType
 
 from varshift.core.errors import InputFileError, OutputFileError
 from varshift.formats import (
+    flax_msgpack,
     json_stats,
     keras_archive,
     keras_h5,
@@ -50,6 +51,7 @@ _RECORDS: tuple[Format, ...] = (
     keras_h5.FORMAT,
     keras_archive.FORMAT,
     keras_legacy_h5.FORMAT,
+    flax_msgpack.FORMAT,
 )
 
 #: Format name → its record, in registry order.
