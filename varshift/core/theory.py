@@ -18,11 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from varshift.core.dropout import Dropout, InputMoments
+from varshift.core.dropout import DEFAULT_KIND, Dropout, InputMoments
 from varshift.core.ema import ema_residual, ema_weight_sums
 from varshift.core.errors import ValidationError
 from varshift.core.presets import Preset
-from varshift.core.topology import THEORY_TOPOLOGIES, check_topology
+from varshift.core.topology import (
+    DEFAULT_TOPOLOGY,
+    THEORY_TOPOLOGIES,
+    check_topology,
+)
+from varshift.core.topology import TOPOLOGIES as TOPOLOGY_RECORDS
 from varshift.core.validate import check_finite, check_int, check_range
 
 FloatArray = NDArray[np.float64]
@@ -439,9 +444,9 @@ class TheoryConfig:
     rates: tuple[float, ...]
     mean: float = 0.0
     var: float = 1.0
-    dropout: str = "bernoulli"
+    dropout: str = DEFAULT_KIND
     beta: float = 0.1
-    topology: str = "direct"
+    topology: str = DEFAULT_TOPOLOGY
     width: int = 1
     rho: float = 0.0
     cos2: float | None = None
@@ -502,18 +507,18 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
     >>> (row.train_var, row.test_var, row.shift_ratio)
     (2.0, 1.0, 0.5)
     """
-    from varshift.core.presets import resolve_preset
+    from varshift.core.presets import DEFAULT_FRAMEWORK, resolve_preset
 
     if not config.rates:
         raise ValidationError("rate must be given at least once")
-    preset = config.preset or resolve_preset("torch")
+    preset = config.preset or resolve_preset(DEFAULT_FRAMEWORK)
     c = check_finite("mean", config.mean)
     v = check_range("var", config.var, 0.0, None)
     check_topology(config.topology, THEORY_TOPOLOGIES)
     width = check_int("width", config.width, 1)
     n = preset.check_batch(check_int("batch_size", config.batch_size, 1))
     steps = check_int("steps", config.steps, 0)
-    linear = config.topology == "linear"
+    linear = TOPOLOGY_RECORDS[config.topology].mixes
     if linear:
         if config.D is not None:
             d_eff = check_range("D", config.D, 0.0, None)
