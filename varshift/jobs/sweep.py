@@ -61,6 +61,7 @@ __all__ = [
     "SweepResult",
     "SweepRow",
     "axes_config",
+    "check_store_options",
     "grid_points",
     "map_points",
     "parse_axis",
@@ -346,6 +347,15 @@ def sweep_parameters(config: SweepConfig) -> dict[str, object]:
         "reps": config.reps if config.simulate else None,
         **({"seeds": config.seeds} if config.seeds > 1 else {}),
     }
+
+
+def check_store_options(config: SweepConfig, store: str | Path | None, resume: bool) -> None:
+    """``resume`` needs a ``store``, and a store keeps Monte Carlo results: it needs
+    ``simulate`` (checked before any work)."""
+    if resume and store is None:
+        raise ValidationError("--resume needs --store PATH, the store to continue")
+    if store is not None and not config.simulate:
+        raise ValidationError("--store keeps Monte Carlo results: it needs --simulate")
 
 
 def run_sweep(
