@@ -79,6 +79,23 @@ def test_diagnose_table_names_the_classes(files: dict[str, Path]) -> None:
     assert "| direct" in out and "| stacked" in out and "as saved" in out
 
 
+def test_diagnose_output_goes_through_the_one_output_check(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    # core.files.OutputPlan: never the input (checkpoint or data), never over a file without
+    # --force; refused before the model runs, inputs untouched.
+    for target in (files["checkpoint"], files["data"]):
+        before = digest(target)
+        code, _, err = run("diagnose", *model_args(files), "-o", target, "--force", "--quiet")
+        assert code == 2 and f"--output {target}: is the input file" in err, err
+        assert digest(target) == before
+    taken = tmp_path / "taken.md"
+    taken.write_text("keep")
+    code, _, err = run("diagnose", *model_args(files), "-o", taken, "--quiet")
+    assert code == 2 and f"--output {taken}: already exists; pass --force" in err
+    assert taken.read_text() == "keep"
+
+
 def test_diagnose_json_is_a_report_check_gates(files: dict[str, Path], tmp_path: Path) -> None:
     report = tmp_path / "diag.json"
     code, _, err = run("diagnose", *model_args(files), "-f", "json", "-o", report)

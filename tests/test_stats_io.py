@@ -543,12 +543,19 @@ def test_writer_refuses_to_overwrite_or_to_touch_the_input(tmp_path: Path) -> No
     path = tmp_path / "s.json"
     write_stats(two_layers(), path)
     stats = read_stats(path)
-    with pytest.raises(OutputFileError, match="already exists; pass --force"):
-        write_stats(stats, path)
+    for force in (False, True):
+        with pytest.raises(OutputFileError, match=r"s\.json: is the input file"):
+            write_stats(stats, path, force=force)
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
     with pytest.raises(OutputFileError, match="is the input file"):
-        write_stats(stats, path, force=True)
+        write_stats(stats, link, force=True)
     other = tmp_path / "o.json"
     other.write_text("{}")
+    with pytest.raises(OutputFileError, match=r"o\.json: already exists; pass --force"):
+        write_stats(stats, other)
+    with pytest.raises(OutputFileError, match="is a folder"):
+        write_stats(stats, tmp_path, force=True)
     write_stats(changed(stats), other, force=True)
     assert read_stats(other).layers["head.bn"].var.tolist() == [1.25, 1.75]
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind

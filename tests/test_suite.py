@@ -77,6 +77,27 @@ def test_the_cli_writes_byte_identical_reports(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "already exists; pass --force" in r.stderr
 
 
+def test_the_report_does_not_depend_on_the_executor(tmp_path: Path) -> None:
+    # Scenario i draws from spawn()[i] whichever process runs it: one worker (in this process)
+    # and two spawned processes must write the same bytes.
+    for folder, workers in (("one", "1"), ("two", "2")):
+        args = ["suite", "--quick", "--workers", workers, "--report-dir", str(tmp_path / folder)]
+        r = runner.invoke(app, [*args, "-q"])
+        assert r.exit_code == 0, r.stderr
+    for ext in ("csv", "md", "json"):
+        assert (tmp_path / "one" / f"suite.{ext}").read_bytes() == (
+            tmp_path / "two" / f"suite.{ext}"
+        ).read_bytes()
+
+
+def test_suite_refuses_workers_and_scheduler_together(tmp_path: Path) -> None:
+    args = ["suite", "--quick", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"]
+    r = runner.invoke(app, [*args, "--report-dir", str(tmp_path)])
+    assert r.exit_code == 2
+    assert "give either --workers or --scheduler, not both" in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_committed_baseline_matches_the_suite_definition() -> None:
     doc = json.loads((ROOT / "reports" / "baseline.json").read_text())
     assert doc["metadata"]["scenarios"] == json.loads(

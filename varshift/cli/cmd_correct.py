@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from varshift.cli._common import DropoutKind, Framework, OutputFormat, app, parse_momentum
+from varshift.core.dropout import DEFAULT_KIND
 from varshift.core.errors import ValidationError
 from varshift.core.files import OutputPlan
 from varshift.jobs.checkpoint import CorrectJob, correct_file, default_report, inspect_file
@@ -133,7 +134,7 @@ def correct(
         typer.Option(metavar="PATTERN", help="Glob of layers to leave alone; repeatable."),
     ] = None,
     dropout: Annotated[DropoutKind, typer.Option(help="Dropout kind before the BN layers.")] = (
-        DropoutKind.bernoulli
+        DropoutKind(DEFAULT_KIND)
     ),
     beta: Annotated[float, typer.Option(help="uout noise half-width (uout only).")] = 0.1,
     framework: Annotated[

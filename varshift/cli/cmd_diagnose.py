@@ -12,8 +12,7 @@ import pandas as pd
 import typer
 
 from varshift.cli._common import OutputFormat, app
-from varshift.core.errors import OutputFileError
-from varshift.core.files import refuse_existing
+from varshift.core.files import OutputPlan
 from varshift.jobs.diagnose import (
     DataSpec,
     DiagnoseConfig,
@@ -24,22 +23,8 @@ from varshift.jobs.diagnose import (
     run_diagnose,
     run_recalibrate,
 )
-from varshift.present import output as _output
+from varshift.present.output import emit
 from varshift.present.report import frame_records
-
-
-def emit(
-    df: pd.DataFrame,
-    fmt: OutputFormat,
-    *,
-    output: Path | None = None,
-    force: bool = False,
-    **kwargs: object,
-) -> None:
-    """The shared renderer, with this command's output checked against existing files first."""
-    if output is not None:
-        refuse_existing(output, force=force, option="--output")
-    _output.emit(df, fmt.value, output=output, **kwargs)  # type: ignore[arg-type]
 
 
 class Device(StrEnum):
@@ -186,8 +171,8 @@ def diagnose(
         device=None if device is None else device.value,
         dropout_on=dropout_on,
     )
-    if output is not None and output.exists() and not force:
-        raise OutputFileError(f"{output}: already exists; pass --force to overwrite it")
+    inputs = [Path(model), checkpoint, Path(data), labels]
+    OutputPlan(inputs, force=force).add_all([output] if output else [], "--output")
     progress = _progress(quiet)
     result = run_diagnose(config, progress)
     _done(progress)
@@ -199,13 +184,13 @@ def diagnose(
     if fmt is OutputFormat.json:
         meta["layers"] = frame_records(table)
         long = pd.DataFrame.from_records(result.metric_rows())
-        emit(long, fmt, metadata=meta, output=output, force=force)
+        emit(long, fmt.value, metadata=meta, output=output)
         return
     title = f"varshift diagnose: {result.samples} samples"
-    emit(table, fmt, metadata=meta, title=title, output=output, force=force)
+    emit(table, fmt.value, metadata=meta, title=title, output=output)
     if result.scores is not None and output is None and fmt is not OutputFormat.csv:
         scores = pd.DataFrame.from_records([result.scores.__dict__])
-        emit(scores, fmt, title="the model as saved")
+        emit(scores, fmt.value, title="the model as saved")
 
 
 @app.command(epilog=RECALIBRATE_EPILOG)
@@ -264,8 +249,9 @@ def recalibrate(
         )
     layers, scores = result.to_frame(), result.scores_frame()
     if fmt is OutputFormat.json:
-        emit(layers, fmt, metadata={"method": result.method, "scores": frame_records(scores)})
+        meta = {"method": result.method, "scores": frame_records(scores)}
+        emit(layers, fmt.value, metadata=meta)
         return
-    emit(layers, fmt, title="varshift recalibrate: BatchNorm statistics")
+    emit(layers, fmt.value, title="varshift recalibrate: BatchNorm statistics")
     if result.scores and fmt is not OutputFormat.csv:
-        emit(scores, fmt, title="before/after")
+        emit(scores, fmt.value, title="before/after")

@@ -16,8 +16,10 @@ from varshift.cli._common import (
     app,
     parse_momentum,
 )
+from varshift.core.dropout import DEFAULT_KIND
 from varshift.core.files import OutputPlan
-from varshift.core.presets import resolve_preset
+from varshift.core.presets import DEFAULT_FRAMEWORK, resolve_preset
+from varshift.core.topology import DEFAULT_TOPOLOGY
 from varshift.engine import SimConfig
 from varshift.jobs.simulate import (
     TRACE_POINTS,
@@ -62,9 +64,11 @@ def simulate(
     rate: Annotated[
         float, typer.Option("--rate", "-r", help="Dropout rate (probability of dropping).")
     ] = 0.2,
-    dropout: Annotated[DropoutKind, typer.Option(help="Dropout kind.")] = DropoutKind.bernoulli,
+    dropout: Annotated[DropoutKind, typer.Option(help="Dropout kind.")] = DropoutKind(DEFAULT_KIND),
     beta: Annotated[float, typer.Option(help="uout noise half-width (uout only).")] = 0.1,
-    framework: Annotated[Framework, typer.Option(help="BatchNorm convention.")] = Framework.torch,
+    framework: Annotated[Framework, typer.Option(help="BatchNorm convention.")] = Framework(
+        DEFAULT_FRAMEWORK
+    ),
     momentum: Annotated[
         str | None,
         typer.Option(help="Momentum in the framework's own meaning; torch also 'none'."),
@@ -114,7 +118,7 @@ def simulate(
         typer.Option(
             help="direct: dropout → BN; linear: dropout → linear map → BN; conv: (N, C, H, W)."
         ),
-    ] = Topology.direct,
+    ] = Topology(DEFAULT_TOPOLOGY),
     width: Annotated[
         int | None, typer.Option(help="Linear: inputs per unit, d [default: 64].")
     ] = None,

@@ -23,6 +23,8 @@ Examples:
 
   varshift suite --seed 7 --stem suite-seed7
 
+  varshift suite --workers 2 --report-dir build/check --force   # same files, two processes
+
   varshift check reports/suite.json --baseline reports/baseline.json
 """
 
@@ -39,6 +41,17 @@ def suite(
     ] = False,
     force: Annotated[bool, typer.Option(help="Overwrite existing report files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No messages.")] = False,
+    workers: Annotated[
+        int, typer.Option(help="Local processes for the scenarios (results do not depend on it).")
+    ] = 1,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DASK_SCHEDULER_ADDRESS",
+            help="Run the scenarios on this Dask cluster, tcp://HOST:PORT (pip install "
+            "'varshift[dask]'); results do not depend on it.",
+        ),
+    ] = None,
 ) -> None:
     """Run the standard report suite that `make test` checks against the baseline.
 
@@ -48,11 +61,13 @@ def suite(
 
     Closed-form metrics (`theory.*`) are deterministic (sd 0); Monte-Carlo metrics (`sim.*`)
     carry their standard deviation across seeds, so `varshift check` compares them within noise.
-    The same seed gives byte-identical files.
+    The same seed gives byte-identical files, whatever `--workers` or `--scheduler`.
     """
     plan = OutputPlan(force=force)
     plan.add_all(report_paths(report_dir, stem))
     with progress_bar("suite", len(scenarios(quick)), quiet=quiet) as update:
-        result = suite_result(seed, quick=quick, progress=update)
+        result = suite_result(
+            seed, quick=quick, progress=update, workers=workers, scheduler=scheduler
+        )
     for p in write_suite_report(result, report_dir, stem):
         message(f"wrote {p}", quiet)

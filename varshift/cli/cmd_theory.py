@@ -8,8 +8,10 @@ from typing import Annotated
 import typer
 
 from varshift.cli._common import DropoutKind, Framework, OutputFormat, app, parse_momentum
+from varshift.core.dropout import DEFAULT_KIND
 from varshift.core.files import OutputPlan
-from varshift.core.presets import resolve_preset
+from varshift.core.presets import DEFAULT_FRAMEWORK, resolve_preset
+from varshift.core.topology import DEFAULT_TOPOLOGY
 from varshift.jobs.theory import TheoryConfig, input_variance, run_theory
 from varshift.present import theory as show
 from varshift.present.output import emit
@@ -41,11 +43,11 @@ def theory(
     std: Annotated[
         float | None, typer.Option("--std", help="Standard deviation of the input (or --var).")
     ] = None,
-    dropout: Annotated[DropoutKind, typer.Option(help="Dropout kind.")] = DropoutKind.bernoulli,
+    dropout: Annotated[DropoutKind, typer.Option(help="Dropout kind.")] = DropoutKind(DEFAULT_KIND),
     beta: Annotated[float, typer.Option(help="uout noise half-width (uout only).")] = 0.1,
     topology: Annotated[
         str, typer.Option(help="direct: dropout → BN; linear: dropout → linear unit → BN.")
-    ] = "direct",
+    ] = DEFAULT_TOPOLOGY,
     width: Annotated[int, typer.Option(help="Linear topology: inputs per unit, d.")] = 1,
     rho: Annotated[float, typer.Option(help="Linear topology: input correlation.")] = 0.0,
     cos2: Annotated[
@@ -54,7 +56,9 @@ def theory(
     D: Annotated[
         float | None, typer.Option("--D", help="Linear topology: D = d·cos²θ (or --cos2).")
     ] = None,
-    framework: Annotated[Framework, typer.Option(help="BatchNorm convention.")] = Framework.torch,
+    framework: Annotated[Framework, typer.Option(help="BatchNorm convention.")] = Framework(
+        DEFAULT_FRAMEWORK
+    ),
     momentum: Annotated[
         str | None,
         typer.Option(help="Momentum in the framework's own meaning; torch also 'none'."),

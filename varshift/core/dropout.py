@@ -302,6 +302,8 @@ KINDS: dict[str, KindSpec] = {
 
 #: The dropout kind names, in registry order (the ``--dropout`` choices).
 DROPOUT_KINDS: tuple[str, ...] = tuple(KINDS)
+#: The default ``--dropout``: inverted Bernoulli dropout, every framework's ``Dropout``.
+DEFAULT_KIND: str = "bernoulli"
 
 
 @dataclass(frozen=True)

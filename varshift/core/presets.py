@@ -151,6 +151,9 @@ class Preset:
         The framework as people name it (``PyTorch``), for prose and messages.
     source:
         Where the convention is written in the framework's source.
+    spatial_only_note:
+        Non-empty if the convention holds only for 4-D/5-D inputs (tf.keras' fused path): the
+        note ``simulate`` prints when a run's topology is not spatial.
 
     Notes
     -----
@@ -169,6 +172,7 @@ class Preset:
     eps_in_ddof: bool
     label: str
     source: str
+    spatial_only_note: str
 
     def __init__(
         self,
@@ -185,6 +189,7 @@ class Preset:
         eps_in_ddof: bool = False,
         label: str = "",
         source: str = "",
+        spatial_only_note: str = "",
     ) -> None:
         # Hand-written so that ``unbiased=True/False`` (the first generation's field) still works
         # as a shorthand for ``estimator=UNBIASED/BIASED``; replace() passes every field by name.
@@ -204,6 +209,7 @@ class Preset:
             "eps_in_ddof": eps_in_ddof,
             "label": label or name,
             "source": source,
+            "spatial_only_note": spatial_only_note,
         }
         for key, value in values.items():
             object.__setattr__(self, key, value)
@@ -275,6 +281,10 @@ PRESETS: dict[str, Preset] = {
         min_eps=1.001e-5,
         label="tf.keras (fused)",
         source="tensorflow/core/kernels/fused_batch_norm_op.cc (unbiased; eps >= 1.001e-5)",
+        spatial_only_note="note: tf-keras stores the unbiased variance only on its fused (4-D) "
+        "path; after a Dense layer tf.keras (TensorFlow 2, tf_keras) stores the biased one, like "
+        "--framework keras, and multi-backend Keras 2.1.4–2.3.1 stores it times "
+        "n/(n-1-eps): --framework keras2",
     ),
     # Multi-backend Keras 2.x (docs/keras2.md): exact for 2.3.0–2.3.1 on the TensorFlow backend
     # (2-D inputs; 4-D too under TF 2, where the fused branch is off) and for 2.1.4–2.3.1 on
@@ -307,6 +317,8 @@ PRESETS: dict[str, Preset] = {
 
 #: The preset names, in registry order (the ``--framework`` choices).
 FRAMEWORKS: tuple[str, ...] = tuple(PRESETS)
+#: The default ``--framework``.
+DEFAULT_FRAMEWORK: str = "torch"
 
 
 def resolve_preset(

@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from varshift.core.dropout import Dropout, InputMoments
+from varshift.core.dropout import DEFAULT_KIND, Dropout, InputMoments
 from varshift.core.ema import ema_residual, ema_weight_sums
 from varshift.core.errors import ValidationError
 from varshift.core.presets import Preset
-from varshift.core.topology import THEORY_TOPOLOGIES, check_topology
+from varshift.core.topology import (
+    DEFAULT_TOPOLOGY,
+    THEORY_TOPOLOGIES,
+    check_topology,
+)
+from varshift.core.topology import TOPOLOGIES as TOPOLOGY_RECORDS
 from varshift.core.validate import check_finite, check_int, check_range
 
 FloatArray = NDArray[np.float64]
@@ -439,9 +445,9 @@ class TheoryConfig:
     rates: tuple[float, ...]
     mean: float = 0.0
     var: float = 1.0
-    dropout: str = "bernoulli"
+    dropout: str = DEFAULT_KIND
     beta: float = 0.1
-    topology: str = "direct"
+    topology: str = DEFAULT_TOPOLOGY
     width: int = 1
     rho: float = 0.0
     cos2: float | None = None
@@ -502,18 +508,18 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
     >>> (row.train_var, row.test_var, row.shift_ratio)
     (2.0, 1.0, 0.5)
     """
-    from varshift.core.presets import resolve_preset
+    from varshift.core.presets import DEFAULT_FRAMEWORK, resolve_preset
 
     if not config.rates:
         raise ValidationError("rate must be given at least once")
-    preset = config.preset or resolve_preset("torch")
+    preset = config.preset or resolve_preset(DEFAULT_FRAMEWORK)
     c = check_finite("mean", config.mean)
     v = check_range("var", config.var, 0.0, None)
     check_topology(config.topology, THEORY_TOPOLOGIES)
     width = check_int("width", config.width, 1)
     n = preset.check_batch(check_int("batch_size", config.batch_size, 1))
     steps = check_int("steps", config.steps, 0)
-    linear = config.topology == "linear"
+    linear = TOPOLOGY_RECORDS[config.topology].mixes
     if linear:
         if config.D is not None:
             d_eff = check_range("D", config.D, 0.0, None)
@@ -523,63 +529,79 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
         rho = check_rho(config.rho, width)
     else:
         d_eff, rho = 1.0, 0.0
-    x = InputMoments.normal(c, v)
-    rows = []
-    for rate in config.rates:
-        drop = Dropout(config.dropout, rate, config.beta)
-        if linear:
-            shift = shift_equicorrelated(c, v, drop, rho=rho, D=d_eff, width=width)
-            # Gaussian kurtosis for the unit's output: exact only as the width grows (CLT).
-            out = InputMoments.from_central(
-                shift.train_mean, shift.train_var, 0.0, 3 * shift.train_var**2
-            )
-            exact = False
-        else:
-            shift = shift_direct(c, v, drop)
-            out = drop.train_moments(x)
-            exact = True
-        run = running_stats(out, preset, n, steps)
-        deb = naive = None
-        if not linear:
-            _, dv = corrected_variance(
-                shift.train_mean, run.batch_var_mean, drop, preset, n, target="population"
-            )
-            _, nv = corrected_variance(
-                shift.train_mean, run.batch_var_mean, drop, preset, n, method="naive"
-            )
-            deb, naive = float(dv), float(nv)
-        rows.append(
-            TheoryRow(
-                dropout=drop.kind,
-                rate=drop.rate,
-                keep=drop.keep,
-                beta=drop.beta if drop.spec.uses_beta else None,
-                kappa=drop.kappa if drop.multiplicative else None,
-                mean=c,
-                var=v,
-                topology=config.topology,
-                width=width,
-                rho=rho,
-                D=d_eff,
-                train_mean=shift.train_mean,
-                train_var=shift.train_var,
-                test_var=shift.test_var,
-                shift_ratio=shift.ratio,
-                inverse_ratio=shift.inverse_ratio,
-                framework=preset.name,
-                alpha=preset.alpha,
-                batch_size=n,
-                steps=steps,
-                stored_batch_var=run.batch_var_mean,
-                stored_batch_var_sd=run.batch_var_sd,
-                running_var=run.expected_var,
-                running_var_sd=run.var_sd,
-                band_exact=exact,
-                residual_weight=run.residual,
-                updates_to_1pct=updates_to_forget(preset),
-                corrected_var_debiased=deb,
-                corrected_var_naive=naive,
-                gamma_star=gamma_star(c, v, drop, preset.eps, shift=shift)[0],
-            )
+    case = _Case(config, preset, c, v, width, rho, d_eff, n, steps, linear)
+    return [_theory_row(case, rate) for rate in config.rates]
+
+
+class _Case(NamedTuple):
+    """A :class:`TheoryConfig` validated, with everything but the rate resolved."""
+
+    config: TheoryConfig
+    preset: Preset
+    mean: float
+    var: float
+    width: int
+    rho: float
+    D: float
+    batch_size: int
+    steps: int
+    linear: bool
+
+
+def _theory_row(case: _Case, rate: float) -> TheoryRow:
+    """One rate's row of :func:`theory_table`."""
+    config, preset, c, v, n = case.config, case.preset, case.mean, case.var, case.batch_size
+    drop = Dropout(config.dropout, rate, config.beta)
+    if case.linear:
+        shift = shift_equicorrelated(c, v, drop, rho=case.rho, D=case.D, width=case.width)
+        # Gaussian kurtosis for the unit's output: exact only as the width grows (CLT).
+        out = InputMoments.from_central(
+            shift.train_mean, shift.train_var, 0.0, 3 * shift.train_var**2
         )
-    return rows
+        exact = False
+    else:
+        shift = shift_direct(c, v, drop)
+        out = drop.train_moments(InputMoments.normal(c, v))
+        exact = True
+    run = running_stats(out, preset, n, case.steps)
+    deb = naive = None
+    if not case.linear:
+        _, dv = corrected_variance(
+            shift.train_mean, run.batch_var_mean, drop, preset, n, target="population"
+        )
+        _, nv = corrected_variance(
+            shift.train_mean, run.batch_var_mean, drop, preset, n, method="naive"
+        )
+        deb, naive = float(dv), float(nv)
+    return TheoryRow(
+        dropout=drop.kind,
+        rate=drop.rate,
+        keep=drop.keep,
+        beta=drop.beta if drop.spec.uses_beta else None,
+        kappa=drop.kappa if drop.multiplicative else None,
+        mean=c,
+        var=v,
+        topology=config.topology,
+        width=case.width,
+        rho=case.rho,
+        D=case.D,
+        train_mean=shift.train_mean,
+        train_var=shift.train_var,
+        test_var=shift.test_var,
+        shift_ratio=shift.ratio,
+        inverse_ratio=shift.inverse_ratio,
+        framework=preset.name,
+        alpha=preset.alpha,
+        batch_size=n,
+        steps=case.steps,
+        stored_batch_var=run.batch_var_mean,
+        stored_batch_var_sd=run.batch_var_sd,
+        running_var=run.expected_var,
+        running_var_sd=run.var_sd,
+        band_exact=exact,
+        residual_weight=run.residual,
+        updates_to_1pct=updates_to_forget(preset),
+        corrected_var_debiased=deb,
+        corrected_var_naive=naive,
+        gamma_star=gamma_star(c, v, drop, preset.eps, shift=shift)[0],
+    )

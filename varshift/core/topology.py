@@ -31,22 +31,51 @@ class Topology:
         :func:`varshift.core.theory.theory_table`).
     engine:
         True if the simulation engine runs it (``varshift simulate``).
+    mixes:
+        True if a linear layer maps ``width`` dropout outputs to each BN feature (``width``,
+        ``rho``, ``cos2``/``D`` and weights apply; a 2-D data file's columns are the width).
+    spatial:
+        True if a row is a ``(C, H, W)`` image and BN reduces each channel over ``N·H·W``
+        (``spatial`` and channel-wise masks apply).
+    fit:
+        True if the fit demo (``simulate --fit``) runs on it.
     """
 
     name: str
     description: str
     theory: bool
     engine: bool
+    mixes: bool = False
+    spatial: bool = False
+    fit: bool = False
+
+    @property
+    def reduce_axes(self) -> tuple[int, ...]:
+        """Axes of a batch that BN reduces over per feature: ``(0,)``, or ``(0, 2, 3)``."""
+        return (0, 2, 3) if self.spatial else (0,)
 
 
 TOPOLOGIES: dict[str, Topology] = {
     t.name: t
     for t in (
-        Topology("direct", "dropout directly before BN (case (a))", theory=True, engine=True),
-        Topology("linear", "dropout → linear layer → BN (case (b))", theory=True, engine=True),
-        Topology("conv", "dropout → convolution → BN per channel", theory=False, engine=True),
+        Topology(
+            "direct", "dropout directly before BN (case (a))", theory=True, engine=True, fit=True
+        ),
+        Topology(
+            "linear", "dropout → linear layer → BN (case (b))", theory=True, engine=True, mixes=True
+        ),
+        Topology(
+            "conv",
+            "dropout → convolution → BN per channel",
+            theory=False,
+            engine=True,
+            spatial=True,
+        ),
     )
 }
+
+#: The default ``--topology``: dropout directly before BN.
+DEFAULT_TOPOLOGY: str = next(iter(TOPOLOGIES))
 
 #: Topologies the closed forms cover, in registry order.
 THEORY_TOPOLOGIES: tuple[str, ...] = tuple(t.name for t in TOPOLOGIES.values() if t.theory)
@@ -65,3 +94,8 @@ def check_topology(value: str, supported: tuple[str, ...], name: str = "topology
     if value not in supported:
         raise ValidationError(f"{name} must be one of {', '.join(supported)}; got {value!r}")
     return value
+
+
+def with_field(attr: str) -> tuple[str, ...]:
+    """Names of the topologies whose boolean field ``attr`` is true (for messages)."""
+    return tuple(t.name for t in TOPOLOGIES.values() if getattr(t, attr))

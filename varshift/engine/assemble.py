@@ -34,13 +34,13 @@ class _Measured(NamedTuple):
 def _measure(plan: Plan, data: FloatArray, weights: FloatArray | None) -> _Measured:
     """Input and test-time moments, measured on the dataset with dropout off."""
     ts = plan.dropout.test_scale
-    if plan.topology == "conv":
-        axes: tuple[int, ...] = (0, 2, 3)
+    if plan.topo.spatial:
+        axes = plan.topo.reduce_axes
         test = ts * data
         return _Measured(
             data.mean(axis=axes), data.var(axis=axes), test.mean(axis=axes), test.var(axis=axes)
         )
-    if plan.topology == "direct":
+    if not plan.topo.mixes:
         in_mean = data.mean(axis=0)
         return _Measured(in_mean, data.var(axis=0), ts * in_mean, (ts * data).var(axis=0))
     assert weights is not None
@@ -62,7 +62,7 @@ def _closed_forms(
     plan: Plan, meas: _Measured, weights: FloatArray | None
 ) -> tuple[FloatArray, FloatArray, FloatArray | None]:
     """Theory's train and test variance per feature, and ``D`` of each linear unit."""
-    if plan.topology == "linear":
+    if plan.topo.mixes:
         assert weights is not None and meas.c_vec is not None and meas.cov is not None
         train_var, test_var = shift_linear(meas.c_vec, meas.cov, weights, plan.dropout)
         d_eff = weights.sum(axis=1) ** 2 / (weights * weights).sum(axis=1)
@@ -105,7 +105,7 @@ def _max_abs(z: FloatArray) -> float:
 def _corrections(plan: Plan, state: BNState, test_var: FloatArray) -> dict[str, FloatArray | None]:
     """Data-free corrections of the simulated running statistics (population target) and their
     relative errors against the measured test variance; ``None`` for ``linear``."""
-    if plan.topology == "linear":
+    if plan.topo.mixes:
         return dict.fromkeys(("debiased", "naive", "error_debiased", "error_naive"))
     rm, rv, n = state.running_mean, state.running_var, plan.batch * plan.positions
     _, deb = corrected_variance(rm, rv, plan.dropout, plan.preset, n, target="population")

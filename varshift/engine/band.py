@@ -128,34 +128,12 @@ def noise_cumulants(dropout: Dropout) -> tuple[float, float, float, float]:
     """Mean and cumulants ``k2, k3, k4`` of the scalar noise ``xi`` in ``y = a(x) + b(x) xi``.
 
     Multiplicative kinds: ``xi = m`` (``a = 0``, ``b = x``); alpha dropout: ``xi ~ Bernoulli(q)``,
-    ``a = d`` (the dropped value), ``b = A x + B - d``. Written without cancellation.
-
-    Core's :class:`~varshift.core.dropout.Dropout` gives the mean of ``m``, its variance and the
-    scale ``s`` of indicator noise (``m = s a``, ``a ~ Bernoulli(q)``); it has no third or fourth
-    cumulants, and from its raw moments they would cancel catastrophically (``k4 = E m⁴ -
-    4 E m³ E m - 3 (E m²)² + 12 E m² (E m)² - 6 (E m)⁴`` loses every digit at small rates), nor
-    a noise view of alpha dropout. Those are kept here: indicator noise has cumulants
-    ``s^j kappa_j`` with the indicator's ``kappa = (q, q r, q r (1 - 2q), q r (1 - 6 q r))``;
-    gaussian noise ``k3 = k4 = 0``; uout's ``Uniform(-beta, beta)`` ``k3 = 0``,
-    ``k4 = -2 beta⁴/15``. (For indicator noise ``k2 = s² q r`` is core's ``mask_variance()``,
-    ``r/q`` for bernoulli, rounded differently: the engine's numbers keep this rounding.)
+    ``a = d`` (the dropped value), ``b = A x + B - d``. The kind's registry record holds them,
+    written without cancellation (:meth:`varshift.core.dropout.Dropout.noise_cumulants`): from
+    the raw moments, ``k4 = E m⁴ - 4 E m³ E m - 3 (E m²)² + 12 E m² (E m)² - 6 (E m)⁴`` would
+    lose every digit at small rates.
     """
-    q, r = dropout.keep, dropout.rate
-    scale = dropout.indicator_scale if dropout.multiplicative else 1.0
-    if scale is not None:
-        mean = dropout.mask_moments()[0] if dropout.multiplicative else q
-        qr = q * r
-        return (
-            mean,
-            scale**2 * qr,
-            scale**3 * qr * (1.0 - 2.0 * q),
-            scale**4 * qr * (1.0 - 6.0 * qr),
-        )
-    mean, k2 = dropout.mask_moments()[0], dropout.mask_variance()
-    if dropout.kind == "gaussian":
-        return mean, k2, 0.0, 0.0
-    b2 = dropout.beta**2  # uout
-    return mean, k2, 0.0, -2.0 * b2 * b2 / 15.0
+    return dropout.noise_cumulants()
 
 
 class _RowMoments(NamedTuple):
@@ -198,9 +176,9 @@ def _element_affine(dropout: Dropout, x: FloatArray) -> tuple[FloatArray, FloatA
 
 def _element_mean(plan: Plan, data: FloatArray, weights: FloatArray | None) -> FloatArray:
     """``mu``: population mean of one BN-input element per feature (``E[y|x]`` is affine)."""
-    axes = (0, 2, 3) if plan.topology == "conv" else (0,)
+    axes = plan.topo.reduce_axes
     g_mean = _element_affine(plan.dropout, data.mean(axis=axes))[0]
-    if plan.topology == "linear":
+    if plan.topo.mixes:
         assert weights is not None
         return np.asarray(g_mean @ weights.T)
     return g_mean
@@ -219,7 +197,7 @@ def _row_moments(
     _, k2, k3, k4 = noise_cumulants(plan.dropout)
     g_el, beta = _element_affine(plan.dropout, data)
     n_rows, f, p = data.shape[0], plan.features, plan.positions
-    if plan.topology == "linear":
+    if plan.topo.mixes:
         assert weights is not None
         g_unit = g_el @ weights.T
         b2, w2 = beta * beta, weights * weights

@@ -14,18 +14,25 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from varshift.core.dropout import Dropout
+from varshift.core.dropout import DEFAULT_KIND, Dropout
 from varshift.core.errors import ValidationError
-from varshift.core.presets import PRESETS, Preset
+from varshift.core.presets import DEFAULT_FRAMEWORK, PRESETS, Preset
 from varshift.core.theory import check_rho
+from varshift.core.topology import (
+    DEFAULT_TOPOLOGY,
+    ENGINE_TOPOLOGIES,
+    Topology,
+    check_topology,
+    with_field,
+)
+from varshift.core.topology import TOPOLOGIES as _RECORDS
 from varshift.core.validate import check_choice, check_finite, check_int, check_range
 from varshift.engine.inputs import INPUT_DISTS
 
 FloatArray = NDArray[np.float64]
 
-#: ``direct`` (dropout → BN), ``linear`` (dropout → linear map → BN), ``conv`` (per-channel BN of
-#: ``(N, C, H, W)`` inputs).
-TOPOLOGIES: tuple[str, ...] = ("direct", "linear", "conv")
+#: The topologies the engine runs (:data:`varshift.core.topology.ENGINE_TOPOLOGIES`).
+TOPOLOGIES: tuple[str, ...] = ENGINE_TOPOLOGIES
 
 DEFAULT_SAMPLES = 10_000
 DEFAULT_FEATURES = 5
@@ -82,9 +89,9 @@ class SimConfig:
     """
 
     rate: float = 0.2
-    dropout: str = "bernoulli"
+    dropout: str = DEFAULT_KIND
     beta: float = 0.1
-    preset: Preset = PRESETS["torch"]
+    preset: Preset = PRESETS[DEFAULT_FRAMEWORK]
     batch_size: int = 32
     samples: int | None = None
     epochs: int = 10
@@ -95,7 +102,7 @@ class SimConfig:
     mean: float = 0.0
     std: float = 1.0
     data: FloatArray | None = field(default=None, compare=False, repr=False)
-    topology: str = "direct"
+    topology: str = DEFAULT_TOPOLOGY
     width: int | None = None
     rho: float = 0.0
     cos2: float | None = None
@@ -137,6 +144,11 @@ class Plan(NamedTuple):
     chunk_rows: int
 
     @property
+    def topo(self) -> Topology:
+        """The topology's registry record (:mod:`varshift.core.topology`)."""
+        return _RECORDS[self.topology]
+
+    @property
     def positions(self) -> int:
         """P: elements per channel in one row (H·W for conv, else 1)."""
         return self.spatial[0] * self.spatial[1]
@@ -159,14 +171,14 @@ class Plan(NamedTuple):
     @property
     def row_shape(self) -> tuple[int, ...]:
         """Shape of one dataset row (the dropout input of one sample)."""
-        if self.topology == "conv":
+        if self.topo.spatial:
             return (self.features, *self.spatial)
         return (self.width,)
 
     @property
     def mask_shape(self) -> tuple[int, ...]:
         """Shape of one row's dropout noise (channel-wise: one value per channel)."""
-        if self.topology == "conv" and self.channelwise:
+        if self.topo.spatial and self.channelwise:
             return (self.features, 1, 1)
         return self.row_shape
 
@@ -201,16 +213,17 @@ class _Shape(NamedTuple):
     spatial: tuple[int, int]
 
 
-def _check_topology_options(config: SimConfig, topology: str) -> None:
+def _check_topology_options(config: SimConfig, topo: Topology) -> None:
     """Options that belong to one topology must not be set for another."""
-    if config.channelwise and topology != "conv":
-        raise ValidationError("channelwise masks need the conv topology; got " + topology)
-    if topology != "linear" and (config.rho != 0.0 or config.cos2 is not None):
-        raise ValidationError("rho and cos2 apply to the linear topology only")
-    if topology != "linear" and (config.weights is not None or config.width is not None):
-        raise ValidationError("width and weights apply to the linear topology only")
-    if topology != "conv" and config.spatial is not None:
-        raise ValidationError("spatial applies to the conv topology only")
+    mixing, spatial = " or ".join(with_field("mixes")), " or ".join(with_field("spatial"))
+    if config.channelwise and not topo.spatial:
+        raise ValidationError(f"channelwise masks need the {spatial} topology; got {topo.name}")
+    if not topo.mixes and (config.rho != 0.0 or config.cos2 is not None):
+        raise ValidationError(f"rho and cos2 apply to the {mixing} topology only")
+    if not topo.mixes and (config.weights is not None or config.width is not None):
+        raise ValidationError(f"width and weights apply to the {mixing} topology only")
+    if not topo.spatial and config.spatial is not None:
+        raise ValidationError(f"spatial applies to the {spatial} topology only")
 
 
 def _conv_data_shape(config: SimConfig, data: FloatArray) -> tuple[int, tuple[int, int]]:
@@ -230,33 +243,33 @@ def _conv_data_shape(config: SimConfig, data: FloatArray) -> tuple[int, tuple[in
     return features, (sh, sw)
 
 
-def _shape_from_data(config: SimConfig, topology: str, data: FloatArray) -> _Shape:
+def _shape_from_data(config: SimConfig, topo: Topology, data: FloatArray) -> _Shape:
     """Features, width and spatial size implied by recorded inputs."""
     features, width, spatial = config.features, config.width, (1, 1)
-    if topology == "conv":
+    if topo.spatial:
         features, spatial = _conv_data_shape(config, data)
     else:
         if data.ndim == 1:
             data = data[:, None]
         if data.ndim != 2:
-            cols = "features" if topology == "direct" else "width"
+            cols = "width" if topo.mixes else "features"
             raise ValidationError(
-                f"data must be 2-D (rows, {cols}) for the {topology} topology; "
+                f"data must be 2-D (rows, {cols}) for the {topo.name} topology; "
                 f"got shape {data.shape}"
             )
-        if topology == "direct":
-            features = _match("features", features, data.shape[1], "the data's columns")
-        else:
+        if topo.mixes:
             width = _match("width", width, data.shape[1], "the data's columns")
+        else:
+            features = _match("features", features, data.shape[1], "the data's columns")
     rows = data.shape[0] if config.samples is None else config.samples
     return _Shape(data, rows, features, width, spatial)
 
 
-def _synthetic_shape(config: SimConfig, topology: str) -> _Shape:
+def _synthetic_shape(config: SimConfig, topo: Topology) -> _Shape:
     """Rows and spatial size of synthetic inputs."""
     rows = DEFAULT_SAMPLES if config.samples is None else config.samples
     spatial = (1, 1)
-    if topology == "conv":
+    if topo.spatial:
         sp = DEFAULT_SPATIAL if config.spatial is None else config.spatial
         spatial = (check_int("height", sp[0], 1), check_int("width_px", sp[1], 1))
     return _Shape(None, rows, config.features, config.width, spatial)
@@ -311,15 +324,15 @@ class _Layout(NamedTuple):
     weights: FloatArray | None = None
 
 
-def _layout(config: SimConfig, topology: str) -> _Layout:
+def _layout(config: SimConfig, topo: Topology) -> _Layout:
     """Validate the data or synthetic shape, the linear unit, and resolve the defaults."""
     data = None if config.data is None else check_array("data", config.data)
     if data is None:
-        shape = _synthetic_shape(config, topology)
+        shape = _synthetic_shape(config, topo)
     else:
-        shape = _shape_from_data(config, topology, data)
+        shape = _shape_from_data(config, topo, data)
     rows = check_int("samples", shape.rows, 1)
-    unit = _linear_unit(config, shape) if topology == "linear" else None
+    unit = _linear_unit(config, shape) if topo.mixes else None
     given = shape.features if unit is None else unit.features
     features = check_int("features", DEFAULT_FEATURES if given is None else given, 1)
     if unit is None:
@@ -358,7 +371,8 @@ def make_plan(config: SimConfig) -> Plan:
     """
     dropout = Dropout(config.dropout, config.rate, config.beta)
     preset = config.preset
-    topology = check_choice("topology", config.topology, TOPOLOGIES)
+    topology = check_topology(config.topology, TOPOLOGIES)
+    topo = _RECORDS[topology]
     input_dist = check_choice("input_dist", config.input_dist, INPUT_DISTS)
     mean = check_finite("mean", config.mean)
     std = check_range("std", config.std, 0.0, None)
@@ -366,18 +380,19 @@ def make_plan(config: SimConfig) -> Plan:
     epochs = check_int("epochs", config.epochs, 1)
     steps = None if config.steps is None else check_int("steps", config.steps, 1)
     chunk = check_int("chunk_elements", config.chunk_elements, 1)
-    _check_topology_options(config, topology)
+    _check_topology_options(config, topo)
 
-    layout = _layout(config, topology)
+    layout = _layout(config, topo)
     features, width, spatial, rows = layout.features, layout.width, layout.spatial, layout.rows
     full, last = _epoch_batches(config, preset, batch, rows, spatial[0] * spatial[1])
     per_epoch = full + (1 if last else 0)
-    if config.fit and topology != "direct":
-        raise ValidationError(f"fit needs the direct topology; got {topology}")
+    if config.fit and not topo.fit:
+        fits = " or ".join(with_field("fit"))
+        raise ValidationError(f"fit needs the {fits} topology; got {topology}")
     lr = check_range("lr", config.lr, 0.0, None, closed="neither")
     probe = check_finite("probe", config.probe)
 
-    row_elems = math.prod((features, *spatial)) if topology == "conv" else width + features
+    row_elems = math.prod((features, *spatial)) if topo.spatial else width + features
     return Plan(
         dropout=dropout,
         preset=preset,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from varshift.core.dropout import Dropout
+from varshift.core.dropout import DEFAULT_KIND, Dropout
 from varshift.core.theory import corrected_variance, gamma_star
 from varshift.engine.band import Band
 from varshift.engine.bn import BNState, full_batches, split_stats
@@ -137,7 +137,7 @@ def fit_result(
     dropout, preset, eps = plan.dropout, plan.preset, plan.preset.eps
     n = plan.batch * plan.positions
     gs = _gamma_stars(c, v, dropout, eps)
-    gs_clean = _gamma_stars(c, v, Dropout("bernoulli", 0.0), eps)
+    gs_clean = _gamma_stars(c, v, Dropout(DEFAULT_KIND, 0.0), eps)
     (g_clean, g_drop), (b_clean, b_drop) = fit.theta
     probe = plan.probe
     seen = dropout.test_scale * probe  # what BN sees at test time after the dropout layer

@@ -56,7 +56,7 @@ def draw_synthetic(plan: Plan, rng: np.random.Generator) -> FloatArray:
     dist = INPUT_DIST_REGISTRY[plan.input_dist]
     shape = (plan.rows, *plan.row_shape)
     x = dist.draw(plan.mean, plan.std, shape, rng)
-    if plan.topology != "linear" or plan.rho == 0.0:
+    if not plan.topo.mixes or plan.rho == 0.0:
         return x
     mom = dist.moments(plan.mean, plan.std**2)
     c, v = mom.mean, max(mom.var, 0.0)
@@ -70,7 +70,7 @@ def draw_synthetic(plan: Plan, rng: np.random.Generator) -> FloatArray:
 
 def linear_weights(plan: Plan, rng: np.random.Generator) -> FloatArray | None:
     """The ``linear`` topology's ``(features, width)`` map (given or drawn); ``None`` otherwise."""
-    if plan.topology != "linear":
+    if not plan.topo.mixes:
         return None
     return plan.weights if plan.weights is not None else draw_weights(plan, rng)
 

@@ -27,7 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
-from varshift.core.errors import InputFileError, OutputFileError
+from varshift.core.errors import InputFileError
+from varshift.core.files import OutputPlan
 from varshift.formats import (
     flax_msgpack,
     json_stats,
@@ -219,13 +220,8 @@ def write_stats(
     """
     out = Path(path)
     name = get_format(fmt).name if fmt is not None else output_format(out, stats.format)
-    if out.exists() and not force:
-        raise OutputFileError(f"{out}: already exists; pass --force to overwrite it")
-    if stats.source is not None and out.exists() and out.samefile(stats.source):
-        raise OutputFileError(
-            f"{out}: is the input file; varshift never modifies its input, choose another output"
-        )
-    if out.is_dir():
-        raise OutputFileError(f"{out}: is a folder; expected a file name")
+    # The one output check (core.files): not the input (also through a link), not a folder,
+    # no overwrite without force.
+    OutputPlan([stats.source], force=force).add(out)
     REGISTRY[name].write(stats, out, name)
     return out

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from varshift.core.dropout import DEFAULT_KIND, KINDS
 from varshift.core.errors import InputFileError, ValidationError
 from varshift.core.files import OutputPlan
-from varshift.core.presets import Preset, resolve_preset
+from varshift.core.presets import DEFAULT_FRAMEWORK, Preset, resolve_preset
 from varshift.formats import BNStats, output_format, read_stats, write_stats
 from varshift.jobs._meta import run_metadata
 from varshift.jobs.correct import (
@@ -60,7 +61,7 @@ def _framework(stats: BNStats, option: str | None) -> tuple[str, tuple[str, ...]
         f"note: {stats.where} does not say which framework wrote it; assuming torch "
         "conventions (unbiased stored variance, momentum 0.1); pass --framework to change"
     )
-    return "torch", (note,)
+    return DEFAULT_FRAMEWORK, (note,)
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class CorrectJob:
     rate: float | None = None
     layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    dropout: str = "bernoulli"
+    dropout: str = DEFAULT_KIND
     beta: float = 0.1
     framework: str | None = None
     batch_size: int | None = None
@@ -270,7 +271,7 @@ def parameters(job: CorrectJob, stats: BNStats, config: CorrectionConfig) -> dic
         "layer": list(job.layers),
         "exclude": list(job.exclude),
         "dropout": config.dropout,
-        "beta": job.beta if config.dropout == "uout" else None,
+        "beta": job.beta if KINDS[config.dropout].uses_beta else None,
         "framework": config.preset.name,
         "batch_size": job.batch_size,
         "method": config.method,

@@ -29,9 +29,9 @@ from fnmatch import fnmatchcase
 import numpy as np
 from numpy.typing import NDArray
 
-from varshift.core.dropout import Dropout, InputMoments
+from varshift.core.dropout import DEFAULT_KIND, KINDS, Dropout, InputMoments
 from varshift.core.errors import InputFileError, ValidationError
-from varshift.core.presets import PRESETS, Preset
+from varshift.core.presets import DEFAULT_FRAMEWORK, PRESETS, Preset
 from varshift.core.theory import corrected_variance, running_stats, updates_to_forget
 from varshift.core.validate import check_choice, check_range
 from varshift.formats import BNLayer, BNStats, FloatArray
@@ -117,9 +117,9 @@ class CorrectionConfig:
     rate: float | None = None
     rules: tuple[LayerRule, ...] = ()
     exclude: tuple[str, ...] = ()
-    dropout: str = "bernoulli"
+    dropout: str = DEFAULT_KIND
     beta: float = 0.1
-    preset: Preset = field(default_factory=lambda: PRESETS["torch"])
+    preset: Preset = field(default_factory=lambda: PRESETS[DEFAULT_FRAMEWORK])
     batch_size: int | None = None
     method: str = "debiased"
     target: str = "framework"
@@ -143,7 +143,8 @@ class CorrectionConfig:
                 "--rate and --layer cannot be combined with --model: the dropout rates are read "
                 "from the model (use --exclude to leave layers alone)"
             )
-        if self.rate is None and not self.rules and self.dropout != "uout" and not self.from_model:
+        rate_free = not KINDS[self.dropout].uses_rate  # uout: the noise ignores the rate
+        if self.rate is None and not self.rules and not rate_free and not self.from_model:
             raise ValidationError(
                 "give the dropout rate: --rate R for every layer, or --layer PATTERN=RATE"
             )
@@ -153,7 +154,7 @@ class CorrectionConfig:
         first: tuple[LayerRule, ...] = ()
         if self.rate is not None:
             first = (LayerRule("*", self.rate),)
-        elif self.dropout == "uout" and not self.rules:
+        elif not KINDS[self.dropout].uses_rate and not self.rules:
             first = (LayerRule("*", 0.0),)
         return first + self.rules
 
@@ -435,7 +436,7 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
             warnings.append(warning)
         new_layers[name] = new
         before, after, ratio = _mean_ratio(layer.var, new.var)
-        shown_rate = None if config.dropout == "uout" else rate
+        shown_rate = rate if KINDS[config.dropout].uses_rate else None
         rows.append(
             LayerCorrection(
                 name,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from varshift.core.errors import MissingDependencyError, OutputFileError, ValidationError
-from varshift.core.files import atomic_write
+from varshift.core.errors import MissingDependencyError, ValidationError
+from varshift.core.files import OutputPlan, atomic_write
 from varshift.core.validate import check_choice, check_int
 
 if TYPE_CHECKING:
@@ -161,13 +161,9 @@ def _check_output(config: RecalibrateConfig) -> None:
     inputs = [Path(config.model.model)] if config.model.model.lower().endswith(".pt2") else []
     if config.model.checkpoint is not None:
         inputs.append(Path(config.model.checkpoint))
-    for path in inputs:
-        if path.exists() and out.exists() and out.resolve() == path.resolve():
-            raise ValidationError(
-                f"--output {out} is the input file; varshift never modifies its input"
-            )
-    if out.exists() and not config.force:
-        raise OutputFileError(f"{out}: already exists; pass --force to overwrite it")
+    # The one output check (core.files): not an input (also through a link), not a folder, no
+    # overwrite without force.
+    OutputPlan(inputs, force=config.force).add(out, "--output")
     exported = (
         bool(inputs) and inputs[0].suffix.lower() == ".pt2" and config.model.checkpoint is None
     )

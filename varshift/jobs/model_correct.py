@@ -19,6 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from varshift.core.dropout import DEFAULT_KIND
 from varshift.core.errors import MissingDependencyError, ValidationError
 from varshift.core.files import OutputPlan, atomic_write
 from varshift.core.presets import resolve_preset
@@ -95,7 +96,7 @@ def _by_stats_name(
 
 
 def _config(job: CorrectJob) -> CorrectionConfig:
-    if job.dropout != "bernoulli":
+    if job.dropout != DEFAULT_KIND:
         raise ValidationError(
             f"--dropout {job.dropout} cannot be combined with --model: the dropout kinds are "
             "read from the model"

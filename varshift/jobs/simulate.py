@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from varshift.core.errors import ValidationError
+from varshift.core.topology import ENGINE_TOPOLOGIES, TOPOLOGIES, check_topology, with_field
 from varshift.engine import SimConfig, SimResult, load_activations, simulate
 from varshift.jobs._meta import file_digest, run_metadata
 
@@ -126,14 +127,10 @@ def report_stem(params: Mapping[str, object], version: str | None = None) -> str
 
 def notes(job: SimulateJob) -> tuple[str, ...]:
     """Remarks on how the run relates to the framework it imitates (printed, not errors)."""
-    if job.config.preset.name == "tf-keras" and job.config.topology != "conv":
-        # presets.py: the tf-keras preset is TF's fused kernel, used for 4-D/5-D inputs only.
-        return (
-            "note: tf-keras stores the unbiased variance only on its fused (4-D) path; after a "
-            "Dense layer tf.keras (TensorFlow 2, tf_keras) stores the biased one, like "
-            "--framework keras, and multi-backend Keras 2.1.4–2.3.1 stores it times "
-            "n/(n-1-eps): --framework keras2",
-        )
+    note = job.config.preset.spatial_only_note
+    record = TOPOLOGIES.get(job.config.topology)
+    if note and record is not None and not record.spatial:
+        return (note,)
     return ()
 
 
@@ -196,12 +193,15 @@ def check_applicable(
     synthetic = given("input_dist", "mean", "std")
     if has_input and synthetic:
         raise ValidationError(f"{synthetic[0]} describes synthetic inputs; --input replaces them")
-    lin = given("width", "rho", "cos2", "weights")
-    if topology != "linear" and lin:
-        raise ValidationError(f"{lin[0]} applies to --topology linear only; got {topology}")
-    conv = given("spatial", "channelwise")
-    if topology != "conv" and conv:
-        raise ValidationError(f"{conv[0]} applies to --topology conv only; got {topology}")
+    record = TOPOLOGIES[check_topology(topology, ENGINE_TOPOLOGIES)]
+    for field_name, names in (
+        ("mixes", ("width", "rho", "cos2", "weights")),
+        ("spatial", ("spatial", "channelwise")),
+    ):
+        hits = given(*names)
+        if hits and not getattr(record, field_name):
+            owners = " or ".join(with_field(field_name))
+            raise ValidationError(f"{hits[0]} applies to --topology {owners} only; got {topology}")
     fitting = given("lr", "probe")
     if not fit and fitting:
         raise ValidationError(f"{fitting[0]} applies with --fit only")

@@ -16,6 +16,12 @@ better``):
 Features of the ``direct`` topology are independent (separate columns, separate masks), which
 is what makes ``1/sqrt(F)`` and the standard error over features honest. ``linear`` scenarios
 simulate a single unit (units of one layer share their inputs and are not independent).
+
+The scenarios come from the registries: one per dropout kind (:data:`~varshift.core.dropout.KINDS`)
+and one per framework preset (:data:`~varshift.core.presets.PRESETS`, plus the cumulative average
+of a preset whose ``momentum=None`` selects it). Scenario ``i`` draws from
+``SeedSequence(seed).spawn()[i]``, whichever executor runs it (:mod:`varshift.jobs.executor`:
+``--workers``, ``--scheduler``), so the report is the same for any of them.
 """
 
 from __future__ import annotations
@@ -26,9 +32,20 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from varshift.core.presets import PRESETS, Preset, resolve_preset
+from varshift.core.dropout import DEFAULT_KIND, KINDS
+from varshift.core.presets import DEFAULT_FRAMEWORK, PRESETS, Preset, resolve_preset
 from varshift.core.theory import TheoryConfig, theory_table
+from varshift.core.topology import DEFAULT_TOPOLOGY, TOPOLOGIES
 from varshift.core.validate import check_int
+from varshift.jobs.executor import make_executor
+
+#: The committed baseline's order of the framework scenarios that precede the linear ones
+#: (scenario ``i`` draws from ``spawn()[i]``, so their positions are fixed); every other preset
+#: of the registry follows the linear scenarios, in registry order. A new preset adds nothing here.
+BASELINE_FRAMEWORK_ORDER: tuple[str, ...] = ("torch", "keras", "tf-keras", "flax")
+#: The classic Keras demonstration (Normal(5, 2²), rate 0.2, batch 32, momentum 0.99) ran under
+#: Keras 3 and again under multi-backend Keras 2.x: its two presets are part of the experiment.
+CLASSIC_PRESETS: tuple[str, str] = ("keras", "keras2")
 
 #: Columns of a suite report, in order.
 COLUMNS: tuple[str, ...] = ("scenario", "metric", "value", "sd", "better")
@@ -41,7 +58,7 @@ class Scenario:
     name: str
     rate: float
     preset: Preset
-    dropout: str = "bernoulli"
+    dropout: str = DEFAULT_KIND
     beta: float = 0.1
     mean: float = 0.0
     std: float = 1.0
@@ -49,7 +66,7 @@ class Scenario:
     rows: int = 4000
     epochs: int = 10
     features: int = 32
-    topology: str = "direct"
+    topology: str = DEFAULT_TOPOLOGY
     width: int = 1
     rho: float = 0.0
     cos2: float | None = None
@@ -68,35 +85,29 @@ class MetricRow:
 
 def scenarios(quick: bool = False) -> tuple[Scenario, ...]:
     """The fixed scenario list. ``quick`` shrinks the simulations (for tests), not the list."""
-    keras, torch = resolve_preset("keras"), resolve_preset("torch")
+    classic, classic2 = (resolve_preset(name) for name in CLASSIC_PRESETS)
+    default = resolve_preset(DEFAULT_FRAMEWORK)
     out: list[Scenario] = [
         # The classic Keras demonstration: Normal(5, 2²), rate 0.2, batch 32, 10000 rows,
         # 100 epochs, momentum 0.99 (32 independent features instead of 5, for tight bands).
-        Scenario("classic", 0.2, keras, mean=5.0, std=2.0, rows=10000, epochs=100),
+        Scenario("classic", 0.2, classic, mean=5.0, std=2.0, rows=10000, epochs=100),
     ]
     for rate in (0.1, 0.3, 0.5, 0.7, 0.9):
-        out.append(Scenario(f"rate-{rate:g}", rate, torch, mean=1.0, rows=2000, epochs=5))
-    for kind in ("bernoulli", "vanilla", "gaussian", "uout", "alpha"):
+        out.append(Scenario(f"rate-{rate:g}", rate, default, mean=1.0, rows=2000, epochs=5))
+    for kind in KINDS:
         out.append(
-            Scenario(f"dropout-{kind}", 0.3, torch, dropout=kind, beta=0.5, mean=1.0, epochs=5)
+            Scenario(f"dropout-{kind}", 0.3, default, dropout=kind, beta=0.5, mean=1.0, epochs=5)
         )
-    for name, preset in (
-        ("torch", torch),
-        ("torch-cumulative", resolve_preset("torch", None)),
-        ("keras", keras),
-        ("tf-keras", resolve_preset("tf-keras")),
-        ("flax", resolve_preset("flax")),
-    ):
-        out.append(Scenario(f"framework-{name}", 0.3, preset, mean=1.0, batch_size=16))
-    covered = {s.preset.name for s in out if s.name.startswith("framework-")}
+    out += _framework_scenarios(BASELINE_FRAMEWORK_ORDER)
+    linear = next(t.name for t in TOPOLOGIES.values() if t.mixes and t.theory)
     for width in (4, 64, 256):
         for rho in (0.0, 0.1, 0.5):
             out.append(
                 Scenario(
-                    f"linear-d{width}-rho{rho:g}",
+                    f"{linear}-d{width}-rho{rho:g}",
                     0.5,
-                    torch,
-                    topology="linear",
+                    default,
+                    topology=linear,
                     width=width,
                     rho=rho,
                     cos2=0.5,
@@ -107,16 +118,30 @@ def scenarios(quick: bool = False) -> tuple[Scenario, ...]:
             )
     # Later scenarios go last: scenario i simulates with SeedSequence(seed).spawn()[i], so
     # appending keeps every earlier metric. Every other preset of the registry (keras2, ...):
-    for name in PRESETS:
-        if name not in covered:
-            preset = resolve_preset(name)
-            out.append(Scenario(f"framework-{name}", 0.3, preset, mean=1.0, batch_size=16))
+    out += _framework_scenarios(tuple(n for n in PRESETS if n not in BASELINE_FRAMEWORK_ORDER))
     # The classic demonstration as multi-backend Keras 2.x ran it (n/(n-1-eps) stored variance).
-    keras2 = resolve_preset("keras2")
-    out.append(Scenario("classic-keras2", 0.2, keras2, mean=5.0, std=2.0, rows=10000, epochs=100))
+    out.append(
+        Scenario(
+            f"classic-{classic2.name}", 0.2, classic2, mean=5.0, std=2.0, rows=10000, epochs=100
+        )
+    )
     if quick:
         out = [replace(s, rows=min(s.rows, 1000), epochs=min(s.epochs, 3)) for s in out]
     return tuple(out)
+
+
+def _framework_scenarios(names: tuple[str, ...]) -> list[Scenario]:
+    """One scenario per preset, and one for its cumulative average where ``None`` selects it."""
+    out = []
+    for name in names:
+        preset = resolve_preset(name)
+        out.append(Scenario(f"framework-{name}", 0.3, preset, mean=1.0, batch_size=16))
+        if preset.none_is_cumulative:
+            cumulative = resolve_preset(name, None)
+            out.append(
+                Scenario(f"framework-{name}-cumulative", 0.3, cumulative, mean=1.0, batch_size=16)
+            )
+    return out
 
 
 def _closed_form(s: Scenario, steps: int) -> list[MetricRow]:
@@ -167,7 +192,7 @@ def _simulated(s: Scenario, rng: np.random.Generator) -> list[MetricRow]:
         mean=s.mean,
         std=s.std,
         topology=s.topology,
-        width=s.width if s.topology == "linear" else None,
+        width=s.width if TOPOLOGIES[s.topology].mixes else None,
         rho=s.rho,
         cos2=s.cos2,
     )
@@ -198,28 +223,53 @@ def _steps(s: Scenario) -> int:
     return s.epochs * math.ceil(s.rows / s.batch_size)
 
 
+@dataclass(frozen=True)
+class _ScenarioTask:
+    """One scenario and its own random stream: all a worker needs (picklable)."""
+
+    scenario: Scenario
+    seed: np.random.SeedSequence
+
+
+def _evaluate(task: _ScenarioTask) -> list[MetricRow]:
+    """A scenario's closed-form and Monte-Carlo rows (module-level: runs in any worker)."""
+    s = task.scenario
+    return _closed_form(s, _steps(s)) + _simulated(s, np.random.default_rng(task.seed))
+
+
 def run_suite(
     seed: int = 0,
     *,
     quick: bool = False,
     progress: Callable[[int, int], None] | None = None,
     only: Sequence[str] | None = None,
+    workers: int = 1,
+    scheduler: str | None = None,
 ) -> list[MetricRow]:
     """Evaluate every scenario; scenario ``i`` simulates with ``SeedSequence(seed).spawn()[i]``.
 
-    ``only`` restricts the run to the named scenarios (for tests).
+    ``only`` restricts the run to the named scenarios (for tests). ``workers`` local processes
+    or the Dask cluster at ``scheduler`` run the scenarios (:func:`varshift.jobs.executor.
+    make_executor`); the rows, in scenario order, do not depend on either.
     """
     seed = check_int("seed", seed, 0)
+    executor = make_executor(workers, scheduler)
     chosen = scenarios(quick)
     seeds = np.random.SeedSequence(seed).spawn(len(chosen))
-    out: list[MetricRow] = []
-    picked = [(s, ss) for s, ss in zip(chosen, seeds, strict=True) if not only or s.name in only]
-    for i, (s, ss) in enumerate(picked):
-        out += _closed_form(s, _steps(s))
-        out += _simulated(s, np.random.default_rng(ss))
+    tasks = [
+        _ScenarioTask(s, ss)
+        for s, ss in zip(chosen, seeds, strict=True)
+        if not only or s.name in only
+    ]
+    done = 0
+
+    def arrived(index: int, value: object) -> None:
+        nonlocal done
+        done += 1
         if progress is not None:
-            progress(i + 1, len(picked))
-    return out
+            progress(done, len(tasks))
+
+    return [row for rows in executor.map(_evaluate, tasks, on_result=arrived) for row in rows]
 
 
 def suite_metadata(seed: int, quick: bool) -> dict[str, object]:
@@ -265,8 +315,16 @@ class SuiteResult:
 
 
 def suite_result(
-    seed: int = 0, *, quick: bool = False, progress: Callable[[int, int], None] | None = None
+    seed: int = 0,
+    *,
+    quick: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
+    scheduler: str | None = None,
 ) -> SuiteResult:
-    """:func:`run_suite` over every scenario, with :func:`suite_metadata`: ``varshift suite``."""
-    rows = run_suite(seed, quick=quick, progress=progress)
+    """:func:`run_suite` over every scenario, with :func:`suite_metadata`: ``varshift suite``.
+
+    The metadata holds no worker count or scheduler: they change nothing in the report.
+    """
+    rows = run_suite(seed, quick=quick, progress=progress, workers=workers, scheduler=scheduler)
     return SuiteResult(seed, quick, tuple(rows), suite_metadata(seed, quick))

@@ -7,32 +7,40 @@ then what :func:`varshift.core.theory.theory_table` computes there (train and te
 ratio ``Delta``, the expected stored running variance and its noise), then, with
 ``simulate=True``, the Monte Carlo estimates and their z-scores.
 
-Axes are written as comma lists and inclusive ranges (:mod:`varshift.jobs.axes`); the Monte
-Carlo per point, reproducible whatever the number of processes, is in
-:mod:`varshift.jobs.sweep_points`.
+Axes are written as comma lists and inclusive ranges (:mod:`varshift.jobs.axes`); the grid
+(:class:`SweepConfig`, its validation and points, the axes as the command line writes them) is
+in :mod:`varshift.jobs.sweep_grid`; the Monte Carlo per point, reproducible whatever the number
+of processes, is in :mod:`varshift.jobs.sweep_points`. Every public name stays importable here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from varshift.core.dropout import DROPOUT_KINDS, Dropout
+from varshift.core.dropout import Dropout
 from varshift.core.errors import ValidationError
-from varshift.core.presets import FRAMEWORKS, Preset, resolve_preset
+from varshift.core.presets import Preset, resolve_preset
 from varshift.core.theory import TheoryConfig, check_rho, shift_direct, theory_table
-from varshift.core.validate import check_choice, check_finite, check_int, check_range
+from varshift.core.topology import TOPOLOGIES
 from varshift.jobs._meta import run_metadata
-from varshift.jobs.axes import MAX_AXIS_VALUES, clean_number, parse_axis, parse_choices
+from varshift.jobs.axes import MAX_AXIS_VALUES, parse_axis, parse_choices
 from varshift.jobs.executor import make_executor
 from varshift.jobs.store import ResultStore, run_tasks
+from varshift.jobs.sweep_grid import (
+    MAX_POINTS,
+    SweepConfig,
+    axes_config,
+    grid_points,
+    validated,
+    varying_axes,
+)
 from varshift.jobs.sweep_points import (
     GridPoint,
     Progress,
@@ -44,9 +52,6 @@ from varshift.jobs.sweep_points import (
     simulate_point,
 )
 
-#: Grids with more points than this need ``force=True`` (``--force``).
-MAX_POINTS = 10_000
-
 __all__ = [
     "MAX_AXIS_VALUES",
     "MAX_POINTS",
@@ -56,6 +61,7 @@ __all__ = [
     "SweepResult",
     "SweepRow",
     "axes_config",
+    "check_store_options",
     "grid_points",
     "map_points",
     "parse_axis",
@@ -68,104 +74,6 @@ __all__ = [
 
 
 # --- configuration and results --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """A grid of variance-shift evaluations.
-
-    Each ``*s`` field is one axis; the grid is their Cartesian product, in the order dropout,
-    framework, batch size, mean, variance, rho, width, D, rate (rate varies fastest).
-
-    Attributes
-    ----------
-    rates:
-        Dropout rates (probability of dropping), each in ``[0, 1)``.
-    dropouts, frameworks:
-        Dropout kinds (:data:`varshift.core.dropout.DROPOUT_KINDS`) and BatchNorm presets.
-    batch_sizes:
-        ``n``, elements reduced per channel in one batch.
-    means, variances:
-        Mean ``c`` and population variance ``v`` of the dropout input.
-    topology:
-        ``direct`` (dropout → BN, case (a)) or ``linear`` (dropout → linear unit → BN, case (b)
-        in the paper's equicorrelated form).
-    rhos:
-        Linear only: pairwise correlation of the unit's inputs.
-    widths:
-        Linear only: inputs per unit ``d``. Empty: ``ceil(D)`` when ``Ds`` is given (the
-        smallest width that admits that ``D``), else 1.
-    Ds:
-        Linear only: ``D = d cos²θ = (sum w)²/sum w²``. Empty: ``D = d * cos2``.
-    cos2:
-        ``cos²θ`` used when ``Ds`` is empty.
-    beta:
-        Half-width of uout's noise (uout ignores the rate).
-    momentum:
-        In each framework's own meaning; ``"default"`` keeps every framework's default.
-    steps:
-        ``T``, training updates of the running statistics.
-    simulate:
-        Also run the Monte Carlo at every point (needs :mod:`varshift.engine.simulate`).
-    reps:
-        ``direct`` topology: independent BN features simulated per point (each with its own
-        data and noise); standard errors are their spread over ``sqrt(reps)``. The linear
-        topology simulates one unit per point (see :func:`simulate_point`).
-    workers:
-        Processes for the Monte Carlo; the numbers do not depend on it.
-    seeds:
-        ``simulate``: replicates per grid point, each on its own stream; more than one reports
-        the mean and spread over seeds (:mod:`varshift.jobs.replicates`).
-    scheduler:
-        ``simulate``: run on the Dask cluster at this address instead of local processes
-        (:mod:`varshift.jobs.executor`); the numbers do not depend on it.
-    max_points:
-        Largest grid allowed without ``force``.
-    """
-
-    rates: tuple[float, ...] = (0.5,)
-    dropouts: tuple[str, ...] = ("bernoulli",)
-    frameworks: tuple[str, ...] = ("torch",)
-    batch_sizes: tuple[int, ...] = (32,)
-    means: tuple[float, ...] = (0.0,)
-    variances: tuple[float, ...] = (1.0,)
-    topology: str = "direct"
-    rhos: tuple[float, ...] = (0.0,)
-    widths: tuple[int, ...] = ()
-    Ds: tuple[float, ...] = ()
-    cos2: float = 1.0
-    beta: float = 0.1
-    momentum: float | str | None = "default"
-    steps: int = 1000
-    simulate: bool = False
-    reps: int = 256
-    workers: int = 1
-    max_points: int = MAX_POINTS
-    force: bool = False
-    seeds: int = 1
-    scheduler: str | None = None
-
-    @property
-    def n_points(self) -> int:
-        """Number of grid points (computed without building the grid)."""
-        return math.prod(len(axis) for axis in self._product_axes())
-
-    def _product_axes(self) -> tuple[Sequence[Any], ...]:
-        """The axes whose Cartesian product is the grid, in grid order (rate varies fastest).
-
-        Empty ``widths`` or ``Ds`` stand as one unset value, ``None`` (see :func:`grid_points`).
-        """
-        return (
-            self.dropouts,
-            self.frameworks,
-            self.batch_sizes,
-            self.means,
-            self.variances,
-            self.rhos,
-            self.widths or (None,),
-            self.Ds or (None,),
-            self.rates,
-        )
 
 
 @dataclass(frozen=True)
@@ -258,88 +166,6 @@ class SweepResult:
         return out
 
 
-# --- the grid -------------------------------------------------------------------------------
-
-
-def _validated(config: SweepConfig) -> SweepConfig:
-    """Check every axis once, before any work; return the config with normalised names."""
-    if config.topology not in ("direct", "linear"):
-        raise ValidationError(f"topology must be one of direct, linear; got {config.topology!r}")
-    for name, axis in (
-        ("rate", config.rates),
-        ("dropout", config.dropouts),
-        ("framework", config.frameworks),
-        ("batch_size", config.batch_sizes),
-        ("mean", config.means),
-        ("var", config.variances),
-        ("rho", config.rhos),
-    ):
-        if not axis:
-            raise ValidationError(f"{name} must have at least one value; got none")
-    for r in config.rates:
-        check_range("rate", r, 0.0, 1.0, closed="left")
-    for m in config.means:
-        check_finite("mean", m)
-    for v in config.variances:
-        check_range("var", v, 0.0, None)
-    for w in config.widths:
-        check_int("width", w, 1)
-    for d in config.Ds:
-        check_range("D", d, 0.0, None)
-    for b in config.batch_sizes:
-        check_int("batch_size", b, 1)
-    check_range("cos2", config.cos2, 0.0, 1.0)
-    check_range("beta", config.beta, 0.0, None)
-    check_int("steps", config.steps, 0)
-    check_int("reps", config.reps, 2)
-    if config.simulate:
-        check_int("steps", config.steps, 1)
-    check_int("workers", config.workers, 1)
-    check_int("seeds", config.seeds, 1)
-    if config.seeds > 1 and not config.simulate:
-        raise ValidationError(f"seeds > 1 needs simulate (--simulate); got seeds {config.seeds}")
-    if config.topology == "direct" and (
-        config.widths or config.Ds or any(r != 0.0 for r in config.rhos)
-    ):
-        raise ValidationError(
-            "width, D and rho describe the linear topology; got them with topology 'direct'"
-        )
-    n = config.n_points
-    if n > config.max_points and not config.force:
-        raise ValidationError(
-            f"the grid has {n} points, more than the limit of {config.max_points}; "
-            "pass --force to run it anyway, or narrow an axis"
-        )
-    return replace(
-        config,
-        dropouts=tuple(check_choice("dropout", d, DROPOUT_KINDS) for d in config.dropouts),
-        frameworks=tuple(check_choice("framework", f, FRAMEWORKS) for f in config.frameworks),
-        batch_sizes=tuple(int(b) for b in config.batch_sizes),
-        widths=tuple(int(w) for w in config.widths),
-        rates=tuple(float(r) for r in config.rates),
-        means=tuple(float(m) for m in config.means),
-        variances=tuple(float(v) for v in config.variances),
-        rhos=tuple(float(r) for r in config.rhos),
-        Ds=tuple(float(d) for d in config.Ds),
-    )
-
-
-def grid_points(config: SweepConfig) -> Iterator[GridPoint]:
-    """The grid points of ``config`` in order (rate varies fastest), without evaluating them."""
-    linear = config.topology == "linear"
-    product = itertools.product(*config._product_axes())
-    for i, (drop, fw, n, c, v, rho, w, d, rate) in enumerate(product):
-        if not linear:
-            width, d_eff = 1, 1.0
-        elif d is None:
-            width = w if w is not None else 1
-            d_eff = clean_number(width * config.cos2)
-        else:
-            width = w if w is not None else max(1, math.ceil(d - 1e-9))
-            d_eff = d
-        yield GridPoint(i, drop, fw, int(n), c, v, config.topology, rho, width, d_eff, rate)
-
-
 def _closed_form(point: GridPoint, preset: Preset, config: SweepConfig) -> SweepRow:
     theory = TheoryConfig(
         rates=(point.rate,),
@@ -350,7 +176,7 @@ def _closed_form(point: GridPoint, preset: Preset, config: SweepConfig) -> Sweep
         topology=point.topology,
         width=point.width,
         rho=point.rho,
-        D=point.D if point.topology == "linear" else None,
+        D=point.D if TOPOLOGIES[point.topology].mixes else None,
         preset=preset,
         batch_size=point.batch_size,
         steps=config.steps,
@@ -428,18 +254,18 @@ def sweep(
     >>> [round(r.shift_ratio, 12) for r in res.rows]
     [0.8, 0.5]
     """
-    config = _validated(config)
+    config = validated(config)
     presets = {fw: resolve_preset(fw, config.momentum) for fw in config.frameworks}
     points = list(grid_points(config))
     for p in points:
-        if p.topology == "linear":
+        if TOPOLOGIES[p.topology].mixes:
             check_rho(p.rho, p.width)
             if p.D > p.width * (1 + 1e-12):
                 raise ValidationError(
                     f"D must be <= width ({p.width}) since cos²θ <= 1; got D {p.D:g}"
                 )
     rows = [_closed_form(p, presets[p.framework], config) for p in points]
-    varying = _varying_axes(config)
+    varying = varying_axes(config)
     if not config.simulate:
         return SweepResult(config, tuple(rows), None, varying)
     rows, entropy = _simulated(config, points, rows, rng, store, resume, progress)
@@ -497,22 +323,6 @@ def _fingerprint(config: SweepConfig) -> dict[str, Any]:
     }
 
 
-def _varying_axes(config: SweepConfig) -> tuple[str, ...]:
-    """Names of the row columns that take more than one value in this grid."""
-    axes = [
-        ("dropout", config.dropouts),
-        ("framework", config.frameworks),
-        ("batch_size", config.batch_sizes),
-        ("mean", config.means),
-        ("var", config.variances),
-        ("rho", config.rhos),
-        ("width", config.widths),
-        ("D", config.Ds or (config.widths if config.topology == "linear" else ())),
-        ("rate", config.rates),
-    ]
-    return tuple(name for name, values in axes if len(values) > 1)
-
-
 # --- the job --------------------------------------------------------------------------------
 
 
@@ -537,6 +347,15 @@ def sweep_parameters(config: SweepConfig) -> dict[str, object]:
         "reps": config.reps if config.simulate else None,
         **({"seeds": config.seeds} if config.seeds > 1 else {}),
     }
+
+
+def check_store_options(config: SweepConfig, store: str | Path | None, resume: bool) -> None:
+    """``resume`` needs a ``store``, and a store keeps Monte Carlo results: it needs
+    ``simulate`` (checked before any work)."""
+    if resume and store is None:
+        raise ValidationError("--resume needs --store PATH, the store to continue")
+    if store is not None and not config.simulate:
+        raise ValidationError("--store keeps Monte Carlo results: it needs --simulate")
 
 
 def run_sweep(
@@ -564,52 +383,3 @@ def run_sweep(
         points=len(result.rows),
     )
     return replace(result, metadata=meta)
-
-
-def axes_config(
-    *,
-    rate: Sequence[str] | None = None,
-    dropout: Sequence[str] | None = None,
-    framework: Sequence[str] | None = None,
-    batch_size: Sequence[str] | None = None,
-    mean: Sequence[str] | None = None,
-    var: Sequence[str] | None = None,
-    std: Sequence[str] | None = None,
-    topology: str | None = None,
-    width: Sequence[str] | None = None,
-    D: Sequence[str] | None = None,
-    rho: Sequence[str] | None = None,
-    **settings: Any,
-) -> SweepConfig:
-    """A :class:`SweepConfig` from axis texts as the command line takes them (``--rate``...).
-
-    ``std`` replaces ``var`` (variances ``std²``); the topology defaults to ``linear`` when a
-    width, ``D`` or ``rho`` axis is given; ``settings`` are the other fields of the config.
-    """
-    if std is not None and var is not None:
-        raise ValidationError("give either --var or --std, not both")
-    if std is not None:
-        variances = tuple(check_range("--std", s, 0.0, None) ** 2 for s in parse_axis("--std", std))
-    else:
-        variances = parse_axis("--var", var or ["1"])
-    linear_axes = width is not None or D is not None or rho is not None
-    topo = topology if topology is not None else ("linear" if linear_axes else "direct")
-    if topo not in ("direct", "linear"):
-        raise ValidationError(f"--topology must be one of direct, linear; got {topology!r}")
-    if topo == "direct" and linear_axes:
-        raise ValidationError("--width, --D and --rho need --topology linear; got direct")
-    return SweepConfig(
-        rates=parse_axis("--rate", rate or ["0.1:0.9:0.1"]),
-        dropouts=parse_choices("--dropout", dropout or ["bernoulli"], DROPOUT_KINDS),
-        frameworks=parse_choices("--framework", framework or ["torch"], FRAMEWORKS),
-        batch_sizes=tuple(
-            int(b) for b in parse_axis("--batch-size", batch_size or ["32"], integer=True)
-        ),
-        means=parse_axis("--mean", mean or ["0"]),
-        variances=variances,
-        topology=topo,
-        rhos=parse_axis("--rho", rho or ["0"]),
-        widths=tuple(int(w) for w in parse_axis("--width", width, integer=True)) if width else (),
-        Ds=parse_axis("--D", D) if D else (),
-        **settings,
-    )

@@ -15,6 +15,7 @@ import numpy as np
 
 from varshift import engine
 from varshift.core.presets import resolve_preset
+from varshift.core.topology import TOPOLOGIES
 
 #: Progress callback: ``callback(done, total)``.
 Progress = Callable[[int, int], None]
@@ -125,7 +126,7 @@ def simulate_point(task: _SimTask) -> SimStats:
       noise of the finite dataset (``Var[s²] ≈ 2 var²/(N-1)``, exact for normal outputs).
     """
     p = task.point
-    linear = p.topology == "linear"
+    linear = TOPOLOGIES[p.topology].mixes
     config = engine.SimConfig(
         rate=p.rate,
         dropout=p.dropout,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from varshift.core.topology import TOPOLOGIES
 from varshift.jobs.sweep import SweepResult, SweepRow
 from varshift.present.output import Drawn, Visuals, inline
 from varshift.present.output import write_visuals as _write
@@ -90,10 +91,10 @@ def rate_figures(result: SweepResult) -> list[RateFigure]:
                 for crow in [sorted(unsorted, key=lambda r: r.rate)]
             ]
             contrast = None
-            if config.topology == "linear":
+            if TOPOLOGIES[config.topology].mixes:
                 rates, ratios = result.direct_ratios(drop, c, v)
                 contrast = RateCurve("case (a): ρ = 0 at any D", rates, ratios)
-            title = f"ρ = {_num(rho)}" if config.topology == "linear" else "dropout → BN"
+            title = f"ρ = {_num(rho)}" if TOPOLOGIES[config.topology].mixes else "dropout → BN"
             panels.append(RatePanel(title, tuple(curves), contrast))
         title = f"{drop} dropout, input mean {_num(c)}, variance {_num(v)}"
         key = "" if len(groups) == 1 else f"{drop}_mean{_num(c)}_var{_num(v)}"
@@ -103,7 +104,7 @@ def rate_figures(result: SweepResult) -> list[RateFigure]:
 
 def _curve_label(result: SweepResult, width: int, d_eff: float) -> str:
     config = result.config
-    if config.topology == "direct":
+    if not TOPOLOGIES[config.topology].mixes:
         return "dropout → BN"
     if config.widths and config.Ds:
         return f"d = {width}, D = {_num(d_eff)}"
@@ -125,7 +126,7 @@ def figures(result: SweepResult) -> list[Drawn]:
             + (
                 "One curve per D = d·cos²θ, one panel per input correlation ρ; the dashed "
                 "curve is dropout directly before BN, which is also every width at ρ = 0."
-                if result.config.topology == "linear"
+                if TOPOLOGIES[result.config.topology].mixes
                 else "Dropout directly before BatchNorm (case (a))."
             )
         )
