@@ -95,8 +95,17 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
         "the through-linear closed form is written for Bernoulli masks; a structure class",
     ),
     "jobs/model_correct.py": (
-        frozenset({"torch", "direct"}),
-        "wires the torch model reader (its statistics are torch's); a structure class",
+        frozenset({"torch", "keras", "direct"}),
+        "wires the torch and Keras model readers (their statistics' conventions when the file "
+        "does not say); a structure class",
+    ),
+    "formats/flax_msgpack.py": (
+        frozenset({"flax"}),
+        "the format record's name and extra, and the framework a Flax state file implies",
+    ),
+    "frameworks/keras/structure.py": (
+        frozenset({"linear"}),
+        "Keras' activation name 'linear' (the identity), mapped to the structure's names",
     ),
     "jobs/simulate.py": (frozenset({"alpha"}), "the metadata key of the EMA decay α"),
     "jobs/suite.py": (
