@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from varshift.cli import _fast
-from varshift.core.errors import RegressionFound, VarshiftError
+from varshift.core.errors import RegressionFound, ValidationError, VarshiftError
 
 #: Command name → module that defines it, in the order ``--help`` lists them.
 COMMANDS: dict[str, str] = {
@@ -44,8 +44,44 @@ def _load(name: str) -> Any:
                 rich_markup_mode=app.rich_markup_mode,
             )
             _fast.install(command)
+            _refuse_repeats(command)
             return command
     raise KeyError(name)  # pragma: no cover - COMMANDS names a module without the command
+
+
+def _given(option: Any, args: list[str]) -> list[str]:
+    """The values ``args`` give ``option`` (``--rate 0.1``, ``--rate=0.1``, ``-r 0.1``)."""
+    values = []
+    for i, arg in enumerate(args):
+        for name in option.opts:
+            if arg == name and i + 1 < len(args):
+                values.append(args[i + 1])
+            elif arg.startswith(name + "=") and name.startswith("--"):
+                values.append(arg[len(name) + 1 :])
+    return values
+
+
+def _refuse_repeats(command: Any) -> None:
+    """Make giving a single-value option twice an error: click would keep the last silently.
+
+    Options that take a list (``multiple``) and on/off flags may repeat.
+    """
+    original = command.parse_args
+
+    def parse_args(ctx: Any, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:
+            _, _, order = command.make_parser(ctx).parse_args(args=list(args))
+            for option in dict.fromkeys(order):
+                single = not (getattr(option, "multiple", True) or option.is_flag)
+                if single and order.count(option) > 1:
+                    shown = ", ".join(_given(option, list(args))) or "?"
+                    raise ValidationError(
+                        f"{option.opts[0]} is given {order.count(option)} times ({shown}); "
+                        "it takes one value"
+                    )
+        return original(ctx, args)
+
+    command.parse_args = parse_args
 
 
 class _Commands(MutableMapping[str, Any]):

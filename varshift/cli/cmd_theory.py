@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from varshift.cli._common import DropoutKind, Framework, OutputFormat, app, parse_momentum
+from varshift.cli._common import (
+    VALUES_HELP,
+    DropoutKind,
+    Framework,
+    OutputFormat,
+    app,
+    linear_width,
+    parse_momentum,
+    parse_values,
+)
 from varshift.core.files import OutputPlan
 from varshift.core.presets import resolve_preset
 from varshift.jobs.theory import TheoryConfig, input_variance, run_theory
@@ -20,9 +29,11 @@ Examples:
 
   varshift theory --rate 0.2
 
-  varshift theory --rate 0.1 --rate 0.5 --mean 5 --std 2 --framework keras
+  varshift theory --rate 0.1,0.5 --mean 5 --std 2 --framework keras
 
   varshift theory --rate 0.5 --topology linear --width 64 --rho 0.1 --cos2 0.5
+
+  varshift theory --rate 0.1:0.9:0.1 --topology linear --D 64 --rho 0.1
 
   varshift theory --rate 0.3 --dropout gaussian --format csv
 """
@@ -31,8 +42,8 @@ Examples:
 @app.command(epilog=EPILOG)
 def theory(
     rate: Annotated[
-        list[float] | None,
-        typer.Option("--rate", "-r", help="Dropout rate (probability of dropping); repeatable."),
+        list[str] | None,
+        typer.Option("--rate", "-r", help=f"Dropout rates: {VALUES_HELP} [default: 0.5]."),
     ] = None,
     mean: Annotated[float, typer.Option(help="Mean c of the dropout input.")] = 0.0,
     var: Annotated[
@@ -46,7 +57,10 @@ def theory(
     topology: Annotated[
         str, typer.Option(help="direct: dropout → BN; linear: dropout → linear unit → BN.")
     ] = "direct",
-    width: Annotated[int, typer.Option(help="Linear topology: inputs per unit, d.")] = 1,
+    width: Annotated[
+        int | None,
+        typer.Option(help="Linear topology: inputs per unit, d [default: ceil(D) with --D, else 1]."),
+    ] = None,
     rho: Annotated[float, typer.Option(help="Linear topology: input correlation.")] = 0.0,
     cos2: Annotated[
         float | None, typer.Option(help="Linear topology: cos²θ of the weights [default: 1].")
@@ -79,13 +93,13 @@ def theory(
     """
     OutputPlan(force=force).add_all([output] if output else [], "--output")
     config = TheoryConfig(
-        rates=tuple(rate) if rate else (0.5,),
+        rates=parse_values("--rate", rate or ["0.5"]),
         mean=mean,
         var=input_variance(var, std, names=("--var", "--std")),
         dropout=dropout.value,
         beta=beta,
         topology=topology,
-        width=width,
+        width=linear_width(width, D),
         rho=rho,
         cos2=cos2,
         D=D,
