@@ -72,7 +72,9 @@ def _refuse_repeats(command: Any) -> None:
         if not ctx.resilient_parsing:
             _, _, order = command.make_parser(ctx).parse_args(args=list(args))
             for option in dict.fromkeys(order):
-                single = not (getattr(option, "multiple", True) or option.is_flag)
+                single = getattr(option, "param_type_name", "") == "option" and not (
+                    option.multiple or option.is_flag or option.count
+                )
                 if single and order.count(option) > 1:
                     shown = ", ".join(_given(option, list(args))) or "?"
                     raise ValidationError(

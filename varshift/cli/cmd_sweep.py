@@ -197,7 +197,11 @@ def sweep(
     written = show.write_visuals(result, df, visuals, drawn)
     title = f"variance shift sweep, {len(result.rows)} points"
     table_df = show.compact_layout(result, df) if on_terminal(fmt.value, output) else None
-    emit(df, fmt.value, metadata=result.metadata, title=title, output=output, table_df=table_df)
+    keys = len(result.varying) or 1
+    emit(
+        df, fmt.value, metadata=result.metadata, title=title, output=output, table_df=table_df,
+        keys=keys,
+    )
     written += [output] if output is not None else []
     if plot is not None and not drawn:
         message("varshift: nothing to plot: sweep at least two rates for the figures", quiet)

@@ -70,11 +70,90 @@ def frame_table(
         )
         table.add_column(escape(str(col)), justify="right" if numeric else "left", no_wrap=numeric)
     for row in grid:
-        table.add_row(*(escape(format_value(v)) or "—" for v in row))
+        table.add_row(*(_cell(format_value(v)) for v in row))
     if compact:
         table.box = box.SIMPLE_HEAD
         table.columns[0].min_width = 7
     return table
+
+
+#: Verdict words coloured on a terminal (plain when piped or ``NO_COLOR`` is set).
+VERDICT_STYLES: dict[str, str] = {"REGRESSION": "bold red", "worse": "red", "better": "green"}
+
+
+def _cell(text: str) -> Any:
+    """A cell: a verdict word styled, anything else as markup-escaped text."""
+    from rich.markup import escape
+
+    style = VERDICT_STYLES.get(text)
+    if style is None:
+        return escape(text) or "—"
+    from rich.text import Text
+
+    return Text(text, style=style)
+
+
+def _column_widths(grid: Grid, compact: bool) -> list[int]:
+    """Each column's natural width in cells: its longest cell or header line."""
+    from rich.cells import cell_len
+
+    widths = []
+    for i, col in enumerate(grid.columns):
+        cells = [format_value(row[i]) or "—" for row in grid.rows]
+        lines = [*str(col).split("\n"), *cells]
+        widths.append(max(cell_len(x) for x in lines))
+    if compact and widths:
+        widths[0] = max(widths[0], 7)
+    return widths
+
+
+def column_chunks(
+    grid: Grid, width: int, *, keys: int = 1, compact: bool = False
+) -> list[list[str]]:
+    """The columns of ``grid`` split so that each table fits ``width`` cells.
+
+    Every chunk starts with the first ``keys`` columns (the name of each row); the others are
+    dealt out in order, as many per chunk as fit, so nothing is dropped or cut. A column too
+    wide even alone with the keys gets a chunk of its own (Rich wraps its text).
+    """
+    widths = _column_widths(grid, compact)
+    keys = max(0, min(keys, len(grid.columns) - 1))
+    base = 1 + sum(w + 3 for w in widths[:keys])  # a cell: padding 1 + text + padding 1 + edge
+    chunks: list[list[str]] = []
+    used = base
+    current: list[str] = []
+    for name, w in zip(grid.columns[keys:], widths[keys:], strict=True):
+        if current and used + w + 3 > width:
+            chunks.append(current)
+            current, used = [], base
+        current.append(name)
+        used += w + 3
+    chunks.append(current)
+    head = list(grid.columns[:keys])
+    return [head + chunk for chunk in chunks]
+
+
+def print_table(
+    console: Console,
+    df: Any,
+    *,
+    title: str | None = None,
+    caption: str | None = None,
+    keys: int = 1,
+    compact: bool = False,
+) -> None:
+    """Print ``df`` on ``console`` readable at its width: the whole table when it fits, else
+    several tables of the key columns and as many others as fit (:func:`column_chunks`)."""
+    grid = Grid.of(df)
+    chunks = column_chunks(grid, console.width, keys=keys, compact=compact)
+    for i, names in enumerate(chunks):
+        part = grid if len(chunks) == 1 else grid.select(names)
+        last = i == len(chunks) - 1
+        shown_title = title if i == 0 else None
+        shown_caption = caption if last else None
+        if len(chunks) > 1 and not last:
+            shown_caption = f"(continued: {i + 1}/{len(chunks)})"
+        console.print(frame_table(part, title=shown_title, caption=shown_caption, compact=compact))
 
 
 def stderr_is_terminal() -> bool:
