@@ -75,7 +75,6 @@ def test_the_cli_writes_byte_identical_reports(tmp_path: Path) -> None:
         ).read_bytes()
 
 
-
 def test_rerunning_an_identical_suite_succeeds_and_other_parameters_fail_before_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

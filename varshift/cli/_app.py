@@ -81,7 +81,8 @@ def _refuse_repeats(command: Any) -> None:
                         f"{option.opts[0]} is given {order.count(option)} times ({shown}); "
                         "it takes one value"
                     )
-        return original(ctx, args)
+        parsed: list[str] = original(ctx, args)
+        return parsed
 
     command.parse_args = parse_args
 

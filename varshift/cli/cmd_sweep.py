@@ -199,7 +199,12 @@ def sweep(
     table_df = show.compact_layout(result, df) if on_terminal(fmt.value, output) else None
     keys = len(result.varying) or 1
     emit(
-        df, fmt.value, metadata=result.metadata, title=title, output=output, table_df=table_df,
+        df,
+        fmt.value,
+        metadata=result.metadata,
+        title=title,
+        output=output,
+        table_df=table_df,
         keys=keys,
     )
     written += [output] if output is not None else []

@@ -59,7 +59,9 @@ def theory(
     ] = "direct",
     width: Annotated[
         int | None,
-        typer.Option(help="Linear topology: inputs per unit, d [default: ceil(D) with --D, else 1]."),
+        typer.Option(
+            help="Linear topology: inputs per unit, d [default: ceil(D) with --D, else 1]."
+        ),
     ] = None,
     rho: Annotated[float, typer.Option(help="Linear topology: input correlation.")] = 0.0,
     cos2: Annotated[

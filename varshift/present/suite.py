@@ -3,10 +3,9 @@ report (CSV, Markdown, JSON) with the metadata block."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 from varshift.core.errors import OutputFileError
 from varshift.core.files import OutputPlan, write_unchanged_or_new
