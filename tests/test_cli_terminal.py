@@ -135,7 +135,8 @@ def test_check_tables_with_wide_keys_switch_to_a_long_format() -> None:
             "ratio": 0.6539163451,
             "z": -1.897537002,
             "mark": "worse",
-            "reason": "significant change of a metric with no better direction; |diff| 3.77 > 1e-05",
+            "reason": "significant change of a metric with no better direction; "
+            "|diff| 3.77 > 1e-05",
         }
         for i in range(3)
     )
