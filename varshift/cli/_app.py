@@ -15,7 +15,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from varshift.cli import _fast
+from varshift.cli import _fast, _help
 from varshift.core.errors import RegressionFound, ValidationError, VarshiftError
 
 #: Command name → module that defines it, in the order ``--help`` lists them.
@@ -45,6 +45,7 @@ def _load(name: str) -> Any:
             )
             _fast.install(command)
             _refuse_repeats(command)
+            _help.tidy(command)
             return command
     raise KeyError(name)  # pragma: no cover - COMMANDS names a module without the command
 
@@ -120,7 +121,22 @@ class LazyGroup(TyperGroup):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commands = _Commands(self.commands)
-        _fast.install(self)
+        _help.tidy(self)
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Parse the group's options, converted by :mod:`varshift.cli._fast` (Typer adds the
+        completion options after ``__init__``: without this they would load pydantic)."""
+        if not getattr(self, "_plain_params", False):
+            self._plain_params = True
+            _fast.install(self)
+        rest: list[str] = super().parse_args(ctx, args)
+        return rest
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        """The group's help, its options (also the completion ones Typer adds) tidied."""
+        for param in self.params:
+            _help.tidy_option(param)
+        super().format_help(ctx, formatter)
 
     def list_commands(self, ctx: Any) -> list[str]:
         """Every command name, in :data:`COMMANDS` order, without loading any."""
@@ -140,7 +156,7 @@ app = typer.Typer(
     name="varshift",
     cls=LazyGroup,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
