@@ -43,11 +43,19 @@ def _load(name: str) -> Any:
                 pretty_exceptions_short=app.pretty_exceptions_short,
                 rich_markup_mode=app.rich_markup_mode,
             )
-            _fast.install(command)
-            _refuse_repeats(command)
-            _help.tidy(command)
-            return command
+            return _prepare(command)
     raise KeyError(name)  # pragma: no cover - COMMANDS names a module without the command
+
+
+def _prepare(command: Any) -> Any:
+    """Give a built command the fast conversions, the refusal of repeated options and the
+    tidy help, once (Typer builds already imported commands itself, without :func:`_load`)."""
+    if not getattr(command, "_varshift_prepared", False):
+        command._varshift_prepared = True
+        _fast.install(command)
+        _refuse_repeats(command)
+        _help.tidy(command)
+    return command
 
 
 def _given(option: Any, args: list[str]) -> list[str]:
@@ -92,7 +100,7 @@ class _Commands(MutableMapping[str, Any]):
     """Every command name at once; a command is built the first time it is looked up."""
 
     def __init__(self, loaded: MutableMapping[str, Any]) -> None:
-        self._loaded = dict(loaded)
+        self._loaded = {name: _prepare(command) for name, command in loaded.items()}
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._loaded:
