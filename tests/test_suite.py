@@ -73,8 +73,38 @@ def test_the_cli_writes_byte_identical_reports(tmp_path: Path) -> None:
         assert (tmp_path / "a" / f"suite.{ext}").read_bytes() == (
             tmp_path / "b" / f"suite.{ext}"
         ).read_bytes()
-    r = runner.invoke(app, ["suite", "--quick", "--report-dir", str(tmp_path / "a")])
-    assert r.exit_code == 2 and "already exists; pass --force" in r.stderr
+
+
+def test_rerunning_an_identical_suite_succeeds_and_other_parameters_fail_before_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "r"
+    args = ["suite", "--quick", "--report-dir", str(folder)]
+    assert runner.invoke(app, [*args, "-q"]).exit_code == 0
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.stderr
+    assert f"unchanged {folder / 'suite.json'}" in r.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()} == before
+
+    import varshift.cli.cmd_suite as cmd
+
+    def no_work(*a: object, **k: object) -> None:
+        raise AssertionError("the suite ran although its output is refused")
+
+    monkeypatch.setattr(cmd, "suite_result", no_work)
+    r = runner.invoke(app, [*args, "--seed", "1"])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (
+        f"varshift: error: {folder / 'suite.json'}: already exists from another run "
+        "(other parameters or version); pass --force to overwrite it"
+    )
+    monkeypatch.undo()
+    (folder / "suite.csv").write_text("edited\n")  # same parameters, other bytes
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "exists with different content; pass --force" in r.stderr
+    assert runner.invoke(app, [*args, "--force", "-q"]).exit_code == 0
+    assert (folder / "suite.csv").read_bytes() == before["suite.csv"][0]
 
 
 def test_the_report_does_not_depend_on_the_executor(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def test_ranges_include_the_stop_and_carry_no_float_noise() -> None:
     rates = parse_axis("--rate", "0.1:0.9:0.1")
     assert rates == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     assert parse_axis("--rate", "0.05:0.2:0.05") == (0.05, 0.1, 0.15, 0.2)
-    assert parse_axis("--x", "1:4") == (1.0, 2.0, 3.0, 4.0)
+    assert parse_axis("--x", "1:4:1") == (1.0, 2.0, 3.0, 4.0)
     assert parse_axis("--x", "1:10:4") == (1.0, 5.0, 9.0)  # stop not on the grid: not reached
     assert parse_axis("--x", "0.9:0.1:-0.4") == (0.9, 0.5, 0.1)
 
@@ -56,6 +56,7 @@ def test_geometric_ranges_lists_and_repeats() -> None:
     [
         ("0.5:0.1:0.1", "--rate range '0.5:0.1:0.1' is empty: start > stop with a positive step"),
         ("0.1:0.9:0", "--rate range '0.1:0.9:0' is empty: the step must not be 0"),
+        ("0.1:0.9", "--rate range '0.1:0.9' has no step: write start:stop:step or start:stop:x"),
         ("0.1:0.5:-0.1", "--rate range '0.1:0.5:-0.1' is empty: start < stop"),
         ("1:64:x1", "--rate range '1:64:x1' is empty: a geometric range needs"),
         ("0.1:0.2:0.3:0.4", "--rate range must be start:stop:step"),

@@ -15,8 +15,8 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from varshift.cli import _fast
-from varshift.core.errors import RegressionFound, VarshiftError
+from varshift.cli import _fast, _help
+from varshift.core.errors import RegressionFound, ValidationError, VarshiftError
 
 #: Command name → module that defines it, in the order ``--help`` lists them.
 COMMANDS: dict[str, str] = {
@@ -43,16 +43,64 @@ def _load(name: str) -> Any:
                 pretty_exceptions_short=app.pretty_exceptions_short,
                 rich_markup_mode=app.rich_markup_mode,
             )
-            _fast.install(command)
-            return command
+            return _prepare(command)
     raise KeyError(name)  # pragma: no cover - COMMANDS names a module without the command
+
+
+def _prepare(command: Any) -> Any:
+    """Give a built command the fast conversions, the refusal of repeated options and the
+    tidy help, once (Typer builds already imported commands itself, without :func:`_load`)."""
+    if not getattr(command, "_varshift_prepared", False):
+        command._varshift_prepared = True
+        _fast.install(command)
+        _refuse_repeats(command)
+        _help.tidy(command)
+    return command
+
+
+def _given(option: Any, args: list[str]) -> list[str]:
+    """The values ``args`` give ``option`` (``--rate 0.1``, ``--rate=0.1``, ``-r 0.1``)."""
+    values = []
+    for i, arg in enumerate(args):
+        for name in option.opts:
+            if arg == name and i + 1 < len(args):
+                values.append(args[i + 1])
+            elif arg.startswith(name + "=") and name.startswith("--"):
+                values.append(arg[len(name) + 1 :])
+    return values
+
+
+def _refuse_repeats(command: Any) -> None:
+    """Make giving a single-value option twice an error: click would keep the last silently.
+
+    Options that take a list (``multiple``) and on/off flags may repeat.
+    """
+    original = command.parse_args
+
+    def parse_args(ctx: Any, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:
+            _, _, order = command.make_parser(ctx).parse_args(args=list(args))
+            for option in dict.fromkeys(order):
+                single = getattr(option, "param_type_name", "") == "option" and not (
+                    option.multiple or option.is_flag or option.count
+                )
+                if single and order.count(option) > 1:
+                    shown = ", ".join(_given(option, list(args))) or "?"
+                    raise ValidationError(
+                        f"{option.opts[0]} is given {order.count(option)} times ({shown}); "
+                        "it takes one value"
+                    )
+        parsed: list[str] = original(ctx, args)
+        return parsed
+
+    command.parse_args = parse_args
 
 
 class _Commands(MutableMapping[str, Any]):
     """Every command name at once; a command is built the first time it is looked up."""
 
     def __init__(self, loaded: MutableMapping[str, Any]) -> None:
-        self._loaded = dict(loaded)
+        self._loaded = {name: _prepare(command) for name, command in loaded.items()}
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._loaded:
@@ -81,7 +129,22 @@ class LazyGroup(TyperGroup):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commands = _Commands(self.commands)
-        _fast.install(self)
+        _help.tidy(self)
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Parse the group's options, converted by :mod:`varshift.cli._fast` (Typer adds the
+        completion options after ``__init__``: without this they would load pydantic)."""
+        if not getattr(self, "_plain_params", False):
+            self._plain_params = True
+            _fast.install(self)
+        rest: list[str] = super().parse_args(ctx, args)
+        return rest
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        """The group's help, its options (also the completion ones Typer adds) tidied."""
+        for param in self.params:
+            _help.tidy_option(param)
+        super().format_help(ctx, formatter)
 
     def list_commands(self, ctx: Any) -> list[str]:
         """Every command name, in :data:`COMMANDS` order, without loading any."""
@@ -101,7 +164,7 @@ app = typer.Typer(
     name="varshift",
     cls=LazyGroup,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},

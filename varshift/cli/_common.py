@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from enum import EnumMeta, StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -12,7 +13,44 @@ from varshift.core.errors import ValidationError
 from varshift.core.presets import PRESETS
 from varshift.core.topology import ENGINE_TOPOLOGIES
 
-__all__ = ["DropoutKind", "Framework", "OutputFormat", "Topology", "app", "parse_momentum"]
+__all__ = [
+    "VALUES_HELP",
+    "DropoutKind",
+    "Framework",
+    "OutputFormat",
+    "Topology",
+    "app",
+    "linear_width",
+    "parse_momentum",
+    "parse_values",
+]
+
+#: How every command's help names the value grammar of :func:`parse_values`.
+VALUES_HELP = "a value, a comma list, or a range start:stop:step / start:stop:xfactor"
+
+
+def parse_values(
+    name: str, texts: str | Sequence[str], *, integer: bool = False
+) -> tuple[float, ...]:
+    """The one grammar of value lists on the command line (every command uses it).
+
+    ``0.2``, ``0.1,0.5``, ``0.1:0.9:0.1`` (inclusive, a step is required), ``1:64:x2``
+    (geometric); items may be mixed and the option repeated. See
+    :func:`varshift.jobs.axes.parse_axis`.
+    """
+    from varshift.jobs.axes import parse_axis
+
+    return parse_axis(name, texts, integer=integer)
+
+
+def linear_width(width: int | None, D: float | None) -> int:
+    """``--width`` of the linear topology: as given, else the smallest width that admits
+    ``--D`` (``ceil(D)``), else 1; the same meaning in theory and sweep."""
+    if width is not None:
+        return width
+    if D is None or not math.isfinite(D) or D <= 0:
+        return 1
+    return max(1, math.ceil(D - 1e-9))
 
 
 def _choices(name: str, values: Iterable[str], doc: str) -> Any:

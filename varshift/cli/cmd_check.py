@@ -13,7 +13,7 @@ from varshift.core.files import OutputPlan, atomic_write
 from varshift.jobs.check import CheckJob, check_reports
 from varshift.present import check as show
 from varshift.present.output import Visuals, emit, plan_visuals, write_visuals
-from varshift.present.render import message
+from varshift.present.render import message, verdict_message
 from varshift.present.report import to_table
 
 EPILOG = """\
@@ -104,11 +104,12 @@ def check(
         if path is not None:
             atomic_write(path, text, force=True)
     show.append_step_summary(md)
-    message(show.summary_line(result))
+    verdict_message(show.summary_line(result))
     rows = show.shown_rows(result, fmt.value, show_all=show_all)
     if rows and not quiet:
         df = to_table(rows)
-        emit(df, fmt.value, title="varshift check", table_df=df.select(show.TABLE_COLUMNS))
+        table_df = df.select(show.TABLE_COLUMNS)
+        emit(df, fmt.value, title="varshift check", table_df=table_df, keys=2)
     for path in shown:
         message(f"varshift: wrote {path}", quiet)
     show.annotate(result)

@@ -180,7 +180,7 @@ def simulate(
         Path,
         typer.Option(
             help="Folder for the CSV/Markdown/JSON reports, named after the key parameters, "
-            "the seed and a hash of all parameters."
+            "the seed and a hash of all parameters; by default reports/ in the current folder."
         ),
     ] = Path("reports"),
     no_report: Annotated[
@@ -198,7 +198,8 @@ def simulate(
     with its noise sd, the simulated one and its z-score, the variance BN sees at test time
     (dropout off), the measured and theoretical shift ratios, and the data-free correction with
     its error. Reports (CSV, Markdown, JSON with all parameters and the seed) go to
-    --report-dir; rerunning the same command leaves identical files in place.
+    --report-dir, `reports/` in the folder you run from unless you say otherwise (or
+    --no-report); rerunning the same command leaves identical files in place.
 
     `--plot DIR` draws the running variance of feature 0 over the training steps inside its
     predicted ±2 sd band, and each feature's (up to 64) simulated running variance against

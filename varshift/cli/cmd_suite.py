@@ -9,10 +9,9 @@ import typer
 
 from varshift.cli._common import app
 from varshift.core.files import OutputPlan
-from varshift.jobs.suite import scenarios, suite_result
+from varshift.jobs.suite import scenarios, suite_metadata, suite_result
 from varshift.present.render import message, progress_bar
-from varshift.present.report import report_paths
-from varshift.present.suite import write_suite_report
+from varshift.present.suite import plan_suite_report, write_suite_report
 
 EPILOG = """\
 Examples:
@@ -39,7 +38,9 @@ def suite(
     quick: Annotated[
         bool, typer.Option(help="Smaller simulations (same scenarios); for tests.")
     ] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite existing report files.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Overwrite report files with different content.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No messages.")] = False,
     workers: Annotated[
         int, typer.Option(help="Local processes for the scenarios (results do not depend on it).")
@@ -61,13 +62,16 @@ def suite(
 
     Closed-form metrics (`theory.*`) are deterministic (sd 0); Monte-Carlo metrics (`sim.*`)
     carry their standard deviation across seeds, so `varshift check` compares them within noise.
-    The same seed gives byte-identical files, whatever `--workers` or `--scheduler`.
+    The same seed gives byte-identical files, whatever `--workers` or `--scheduler`:
+    rerunning an identical command leaves them in place and succeeds; files from other
+    parameters need `--force`.
     """
-    plan = OutputPlan(force=force)
-    plan.add_all(report_paths(report_dir, stem))
+    plan_suite_report(OutputPlan(force=force), report_dir, stem, suite_metadata(seed, quick))
     with progress_bar("suite", len(scenarios(quick)), quiet=quiet) as update:
         result = suite_result(
             seed, quick=quick, progress=update, workers=workers, scheduler=scheduler
         )
-    for p in write_suite_report(result, report_dir, stem):
-        message(f"wrote {p}", quiet)
+    paths, unchanged = write_suite_report(result, report_dir, stem, force=force)
+    verb = "unchanged" if unchanged else "wrote"
+    for p in paths:
+        message(f"{verb} {p}", quiet)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from varshift.cli._common import OutputFormat, app, parse_momentum
+from varshift.cli._common import VALUES_HELP, OutputFormat, app, parse_momentum
 from varshift.core.dropout import DROPOUT_KINDS
 from varshift.core.files import OutputPlan
 from varshift.core.presets import FRAMEWORKS
@@ -29,10 +29,11 @@ Examples:
   varshift sweep --rate 0.1:0.5:0.1 --width 1:256:x4 --rho 0,0.05,0.2 --cos2 0.5 -f md
 
 Axes take comma lists and inclusive ranges: start:stop:step (0.1:0.9:0.1) or start:stop:xfactor
-(1:64:x2). The grid is their Cartesian product; more than {MAX_POINTS} points needs --force.
+(1:64:x2); a range needs its step. The grid is their Cartesian product; more than {MAX_POINTS}
+points needs --force.
 """
 
-_AXES_HELP = "comma list or range start:stop:step / start:stop:xfactor"
+_AXES_HELP = VALUES_HELP
 
 
 @app.command(epilog=EPILOG)
@@ -193,7 +194,16 @@ def sweep(  # long: 23 of its 42 lines hand the options to axes_config, one per 
     written = show.write_visuals(result, df, visuals, drawn)
     table_df = show.compact_layout(result, df) if on_terminal(fmt.value, output) else None
     title = f"variance shift sweep, {len(result.rows)} points"
-    emit(df, fmt.value, metadata=result.metadata, title=title, output=output, table_df=table_df)
+    keys = len(result.varying) or 1
+    emit(
+        df,
+        fmt.value,
+        metadata=result.metadata,
+        title=title,
+        output=output,
+        table_df=table_df,
+        keys=keys,
+    )
     if plot is not None and not drawn:
         message("varshift: nothing to plot: sweep at least two rates for the figures", quiet)
     for path in [*written, *([output] if output is not None else [])]:

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from varshift.cli._common import DropoutKind, Framework, OutputFormat, app, parse_momentum
+from varshift.cli._common import (
+    VALUES_HELP,
+    DropoutKind,
+    Framework,
+    OutputFormat,
+    app,
+    linear_width,
+    parse_momentum,
+    parse_values,
+)
 from varshift.core.dropout import DEFAULT_KIND
 from varshift.core.files import OutputPlan
 from varshift.core.presets import DEFAULT_FRAMEWORK, resolve_preset
@@ -22,9 +31,11 @@ Examples:
 
   varshift theory --rate 0.2
 
-  varshift theory --rate 0.1 --rate 0.5 --mean 5 --std 2 --framework keras
+  varshift theory --rate 0.1,0.5 --mean 5 --std 2 --framework keras
 
   varshift theory --rate 0.5 --topology linear --width 64 --rho 0.1 --cos2 0.5
+
+  varshift theory --rate 0.1:0.9:0.1 --topology linear --D 64 --rho 0.1
 
   varshift theory --rate 0.3 --dropout gaussian --format csv
 """
@@ -33,8 +44,8 @@ Examples:
 @app.command(epilog=EPILOG)
 def theory(
     rate: Annotated[
-        list[float] | None,
-        typer.Option("--rate", "-r", help="Dropout rate (probability of dropping); repeatable."),
+        list[str] | None,
+        typer.Option("--rate", "-r", help=f"Dropout rates: {VALUES_HELP} [default: 0.5]."),
     ] = None,
     mean: Annotated[float, typer.Option(help="Mean c of the dropout input.")] = 0.0,
     var: Annotated[
@@ -48,7 +59,12 @@ def theory(
     topology: Annotated[
         str, typer.Option(help="direct: dropout → BN; linear: dropout → linear unit → BN.")
     ] = DEFAULT_TOPOLOGY,
-    width: Annotated[int, typer.Option(help="Linear topology: inputs per unit, d.")] = 1,
+    width: Annotated[
+        int | None,
+        typer.Option(
+            help="Linear topology: inputs per unit, d [default: ceil(D) with --D, else 1]."
+        ),
+    ] = None,
     rho: Annotated[float, typer.Option(help="Linear topology: input correlation.")] = 0.0,
     cos2: Annotated[
         float | None, typer.Option(help="Linear topology: cos²θ of the weights [default: 1].")
@@ -83,13 +99,13 @@ def theory(
     """
     OutputPlan(force=force).add_all([output] if output else [], "--output")
     config = TheoryConfig(
-        rates=tuple(rate) if rate else (0.5,),
+        rates=parse_values("--rate", rate or ["0.5"]),
         mean=mean,
         var=input_variance(var, std, names=("--var", "--std")),
         dropout=dropout.value,
         beta=beta,
         topology=topology,
-        width=width,
+        width=linear_width(width, D),
         rho=rho,
         cos2=cos2,
         D=D,

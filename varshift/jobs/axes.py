@@ -20,7 +20,8 @@ from varshift.core.validate import check_choice
 MAX_AXIS_VALUES = 1_000_000
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::([xX*]?)({_NUMBER}))?$")
+_RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER}):([xX*]?)({_NUMBER})$")
+_NO_STEP = re.compile(rf"^({_NUMBER}):({_NUMBER})$")
 
 
 def clean_number(x: float) -> float:
@@ -41,15 +42,20 @@ def _parse_number(name: str, text: str, spec: str) -> float:
 
 
 def _expand_range(name: str, item: str, max_values: int) -> list[float]:
-    """Values of one ``start:stop[:step]`` or ``start:stop:xfactor`` item, stop included."""
+    """Values of one ``start:stop:step`` or ``start:stop:xfactor`` item, stop included."""
     m = _RANGE.match(item)
+    if m is None and _NO_STEP.match(item):
+        raise ValidationError(
+            f"{name} range {item!r} has no step: write start:stop:step or "
+            "start:stop:xfactor (e.g. 0.1:0.9:0.1, 1:64:x2)"
+        )
     if m is None:
         raise ValidationError(
             f"{name} range must be start:stop:step or start:stop:xfactor; got {item!r}"
         )
     start, stop = float(m.group(1)), float(m.group(2))
     geometric = bool(m.group(3))
-    step = float(m.group(4)) if m.group(4) is not None else 1.0
+    step = float(m.group(4))
     if not all(math.isfinite(x) for x in (start, stop, step)):
         raise ValidationError(f"{name} range must have finite bounds and step; got {item!r}")
     if geometric:
@@ -98,7 +104,7 @@ def parse_axis(
         How the axis is named in error messages (the CLI passes ``--rate``, ...).
     specs:
         One string or several (a repeated option); each is a comma list whose items are
-        numbers, arithmetic ranges ``start:stop:step`` (``start:stop`` means step 1) or
+        numbers, arithmetic ranges ``start:stop:step`` (a step is required) or
         geometric ranges ``start:stop:xfactor``. ``stop`` is included when the step reaches it
         within a relative tolerance of 1e-9.
     integer:

@@ -149,17 +149,20 @@ def emit(
     caption: str | None = None,
     output: Path | None = None,
     table_df: Any = None,
+    keys: int = 1,
 ) -> None:
     """Send a result to stdout (or ``output``, planned by the caller) in the chosen format.
 
     ``table`` is a Rich table on a terminal and Markdown when stdout is not one (or when
-    writing to a file); ``table_df`` is an alternative layout for the human formats.
+    writing to a file); ``table_df`` is an alternative layout for the human formats. On a
+    terminal too narrow for the whole table its first ``keys`` columns name each row in every
+    part (:func:`varshift.present.render.print_table`).
     """
     human = table_df if table_df is not None else df
     if on_terminal(fmt, output):
-        from varshift.present.render import frame_table, stdout_console
+        from varshift.present.render import print_table, stdout_console
 
-        stdout_console().print(frame_table(human, title=title, caption=caption))
+        print_table(stdout_console(), human, title=title, caption=caption, keys=keys)
         return
     if fmt in ("table", "md"):
         text = render_text(human, "md", metadata, title)

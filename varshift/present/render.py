@@ -6,6 +6,7 @@ import time: a command whose output is piped never loads it.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -70,17 +71,200 @@ def frame_table(
         )
         table.add_column(escape(str(col)), justify="right" if numeric else "left", no_wrap=numeric)
     for row in grid:
-        table.add_row(*(escape(format_value(v)) or "—" for v in row))
+        table.add_row(*(_cell(format_value(v)) for v in row))
     if compact:
         table.box = box.SIMPLE_HEAD
         table.columns[0].min_width = 7
     return table
 
 
+#: Verdict words coloured on a terminal (plain when piped or ``NO_COLOR`` is set).
+VERDICT_STYLES: dict[str, str] = {"REGRESSION": "bold red", "worse": "red", "better": "green"}
+
+
+def _cell(text: str) -> Any:
+    """A cell: a verdict word styled, anything else as markup-escaped text."""
+    from rich.markup import escape
+
+    style = None if os.environ.get("NO_COLOR") else VERDICT_STYLES.get(text)
+    if style is None:
+        return escape(text) or "—"
+    from rich.text import Text
+
+    return Text(text, style=style)
+
+
+def verdict_message(text: str, quiet: bool = False) -> None:
+    """:func:`message` with its verdict words coloured when stderr is a colour terminal
+    (plain when piped, under ``NO_COLOR`` or with ``TERM=dumb``)."""
+    if quiet or not stderr_is_terminal() or os.environ.get("NO_COLOR"):
+        message(text, quiet)
+        return
+    from rich.text import Text
+
+    line = Text(text)
+    for word, style in VERDICT_STYLES.items():
+        line.highlight_regex(rf"\b{word}\b", style)
+    stderr_console().print(line, highlight=False)
+
+
+def _column_widths(grid: Grid, compact: bool) -> list[int]:
+    """Each column's natural width in cells: its longest cell or header line."""
+    from rich.cells import cell_len
+
+    widths = []
+    for i, col in enumerate(grid.columns):
+        cells = [format_value(row[i]) or "—" for row in grid.rows]
+        lines = [*str(col).split("\n"), *cells]
+        widths.append(max(cell_len(x) for x in lines))
+    if compact and widths:
+        widths[0] = max(widths[0], 7)
+    return widths
+
+
+def column_chunks(
+    grid: Grid, width: int, *, keys: int = 1, compact: bool = False
+) -> list[list[str]]:
+    """The columns of ``grid`` split so that each table fits ``width`` cells.
+
+    Every chunk starts with the first ``keys`` columns (the name of each row); the others are
+    dealt out in order, as many per chunk as fit, so nothing is dropped or cut. A column too
+    wide even alone with the keys gets a chunk of its own (Rich wraps its text).
+    """
+    widths = _column_widths(grid, compact)
+    keys = max(0, min(keys, len(grid.columns) - 1))
+    base = 1 + sum(w + 3 for w in widths[:keys])  # a cell: padding 1 + text + padding 1 + edge
+    chunks: list[list[str]] = []
+    used = base
+    current: list[str] = []
+    for name, w in zip(grid.columns[keys:], widths[keys:], strict=True):
+        if current and used + w + 3 > width:
+            chunks.append(current)
+            current, used = [], base
+        current.append(name)
+        used += w + 3
+    chunks.append(current)
+    head = list(grid.columns[:keys])
+    return [head + chunk for chunk in chunks]
+
+
+def long_table(df: Any, title: str | None = None, caption: str | None = None) -> Table:
+    """``df`` as one ``field | value`` block per row (key columns first), for a terminal too
+    narrow for even the key columns beside one other."""
+    from rich.table import Table
+
+    grid = Grid.of(df)
+    table = Table(title=title, caption=caption, header_style="bold")
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for n, row in enumerate(grid):
+        if n:
+            table.add_section()
+        for col, value in zip(grid.columns, row, strict=True):
+            table.add_row(_cell(" ".join(str(col).split())), _cell(format_value(value)))
+    return table
+
+
+def print_table(
+    console: Console,
+    df: Any,
+    *,
+    title: str | None = None,
+    caption: str | None = None,
+    keys: int = 1,
+    compact: bool = False,
+) -> None:
+    """Print ``df`` on ``console`` readable at its width.
+
+    The whole table when it fits; else several tables, each of the key columns and as many
+    others as fit (:func:`column_chunks`); when the key columns alone fill more than half the
+    width, one ``field | value`` block per row (:func:`long_table`). Key columns are never
+    dropped or cut, numbers never shortened.
+    """
+    grid = Grid.of(df)
+    width = console.width
+    key_width = 1 + sum(w + 3 for w in _column_widths(grid, compact)[:keys])
+    chunks = column_chunks(grid, width, keys=keys, compact=compact)
+    if len(chunks) > 1 and key_width > width // 2:
+        console.print(long_table(grid, title=title, caption=caption))
+        return
+    for i, names in enumerate(chunks):
+        part = grid if len(chunks) == 1 else grid.select(names)
+        last = i == len(chunks) - 1
+        shown_title = title if i == 0 else None
+        shown_caption = caption if last else f"(continued: {i + 1}/{len(chunks)})"
+        table = frame_table(part, title=shown_title, caption=shown_caption, compact=compact)
+        for column in table.columns[:keys]:
+            column.no_wrap = True  # a key is never wrapped or cut: other text wraps instead
+        console.print(table)
+
+
+class SmoothedRate:
+    """An ETA from an exponentially smoothed rate, for progress that arrives unevenly.
+
+    The work done and the time spent are both summed with weights that fall by ``e`` every
+    ``tau`` seconds, and the rate is their ratio: the average reaches back about ``tau``
+    seconds whatever the step sizes, so a burst of fast steps or one slow step moves the ETA
+    little, while a lasting change of speed is followed within a few ``tau``.
+    """
+
+    def __init__(self, tau: float = 20.0) -> None:
+        self.tau = tau
+        self._work = 0.0
+        self._time = 0.0
+        self._last: tuple[float, float] | None = None
+
+    @property
+    def rate(self) -> float | None:
+        """Units per second, or None before any time has passed."""
+        return self._work / self._time if self._time > 0 else None
+
+    def update(self, now: float, done: float) -> None:
+        """Record that ``done`` units are complete at time ``now`` (seconds)."""
+        if self._last is None:
+            self._last = (now, done)
+            return
+        t0, d0 = self._last
+        dt = now - t0
+        if dt <= 0 or done < d0:
+            return
+        decay = math.exp(-dt / self.tau)
+        self._work = decay * self._work + (done - d0)
+        self._time = decay * self._time + dt
+        self._last = (now, done)
+
+    def remaining(self, total: float) -> float | None:
+        """Seconds until ``total`` at the smoothed rate, or None before there is a rate."""
+        rate = self.rate
+        if self._last is None or rate is None or rate <= 0:
+            return None
+        return max(0.0, total - self._last[1]) / rate
+
+
 def stderr_is_terminal() -> bool:
     """Whether stderr may be a terminal for Rich (a tty, or an environment that forces one)."""
     forced = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
     return sys.stderr.isatty() or any(os.environ.get(k) for k in forced)
+
+
+def _eta_column(eta: SmoothedRate) -> Any:
+    """A Rich column showing the remaining time of :class:`SmoothedRate` (``-:--:--`` before
+    there is a rate)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class SmoothedRemaining(ProgressColumn):
+        max_refresh = 0.5
+
+        def render(self, task: Any) -> Text:
+            left = eta.remaining(task.total) if task.total else None
+            if left is None:
+                return Text("-:--:--", style="progress.remaining")
+            minutes, seconds = divmod(int(left + 0.5), 60)
+            hours, minutes = divmod(minutes, 60)
+            return Text(f"{hours}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+    return SmoothedRemaining()
 
 
 @contextmanager
@@ -99,21 +283,16 @@ def progress_bar(
     if not console.is_terminal:
         yield lambda done, total: None
         return
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     start = time.monotonic()
+    eta = SmoothedRate()
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        _eta_column(eta),
         console=console,
         transient=True,
     )
@@ -125,6 +304,7 @@ def progress_bar(
         if not started and time.monotonic() - start > delay:
             progress.start()
             started = True
+        eta.update(time.monotonic(), done)
         progress.update(task, completed=done, total=total_)
 
     try:

@@ -137,12 +137,12 @@ def show(result: SimulateResult, fmt: str, output: Path | None) -> None:
     main, fit = main_table(result), fit_table(result)
     head, cap, meta = title(result), caption(result), result.metadata
     if on_terminal(fmt, output):
-        from varshift.present.render import frame_table, stdout_console
+        from varshift.present.render import print_table, stdout_console
 
         console = stdout_console()
         shown = [(main, head, cap)] + ([(fit[0], fit[1], None)] if fit else [])
         for df, top, bottom in shown:
-            console.print(frame_table(df, title=top, caption=bottom, compact=True))
+            print_table(console, df, title=top, caption=bottom, compact=True)
         return
     if fmt in ("table", "md"):
         text = render_text(main, "md", meta, head) + f"\n{cap}\n"
