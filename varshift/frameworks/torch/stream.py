@@ -121,14 +121,21 @@ def _reduce_dims(x: torch.Tensor) -> int | list[int]:
 class ChannelMoments:
     """Per-channel count, mean and sum of squared deviations ``M2`` of a stream, in float64.
 
-    ``add`` merges one batch with Chan et al.'s update: for counts ``n_a, n_b``, means
-    ``m_a, m_b``, ``M2 = M2_a + M2_b + (m_b - m_a)² n_a n_b / (n_a + n_b)``.
+    ``add`` costs one ``var_mean`` per batch: batch moments wait in a short list (at most
+    ``FLUSH`` batches, so memory stays flat in the number of samples) and are merged together,
+    ``M2 = sum_k (M2_k + n_k (m_k - m)²)``, then into the total with Chan et al.'s update: for
+    counts ``n_a, n_b``, means ``m_a, m_b``, ``M2 = M2_a + M2_b + (m_b - m_a)² n_a n_b / (n_a +
+    n_b)``. Reading ``count``, ``mean`` or ``m2`` merges what waits.
     """
 
+    #: Batches held before a merge: a few small tensor ops per ``FLUSH`` batches, not per batch.
+    FLUSH = 64
+
     def __init__(self) -> None:
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
+        self._count = 0
+        self._mean: torch.Tensor | None = None
+        self._m2: torch.Tensor | None = None
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def add(self, x: torch.Tensor) -> None:
         """Merge every element of each channel of ``x`` (shape ``(N, C, ...)``)."""
@@ -140,15 +147,43 @@ class ChannelMoments:
         if n == 0:
             return
         var, mean = torch.var_mean(x, dim=dims, correction=0)
-        mean, m2 = mean.double(), var.double() * n
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = n, mean, m2
+        self._pending.append((n, mean, var))
+        if len(self._pending) >= self.FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
             return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
-        self.count = total
+        ns, means, vars_ = zip(*self._pending, strict=True)
+        self._pending.clear()
+        mean_k = torch.stack(means).double()
+        n_k = torch.tensor(ns, dtype=torch.float64, device=mean_k.device)[:, None]
+        n = sum(ns)
+        mean = (n_k * mean_k).sum(dim=0) / n
+        m2 = (n_k * (torch.stack(vars_).double() + (mean_k - mean) ** 2)).sum(dim=0)
+        if self._mean is None or self._m2 is None:
+            self._count, self._mean, self._m2 = n, mean, m2
+            return
+        total = self._count + n
+        delta = mean - self._mean
+        self._mean = self._mean + delta * (n / total)
+        self._m2 = self._m2 + m2 + delta * delta * (self._count * n / total)
+        self._count = total
+
+    @property
+    def count(self) -> int:
+        self._flush()
+        return self._count
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        self._flush()
+        return self._mean
+
+    @property
+    def m2(self) -> torch.Tensor | None:
+        self._flush()
+        return self._m2
 
     def population_var(self) -> torch.Tensor:
         """``M2 / n``: the population (biased) variance of everything seen."""
