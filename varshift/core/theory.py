@@ -23,7 +23,7 @@ from varshift.core.ema import ema_residual, ema_weight_sums
 from varshift.core.errors import ValidationError
 from varshift.core.presets import Preset
 from varshift.core.topology import THEORY_TOPOLOGIES, check_topology
-from varshift.core.validate import check_finite, check_int, check_range
+from varshift.core.validate import check_finite, check_int, check_magnitude, check_range
 
 FloatArray = NDArray[np.float64]
 
@@ -63,7 +63,7 @@ class Shift:
 
 
 def _check_mean_var(c: float, v: float) -> tuple[float, float]:
-    return check_finite("mean", c), check_range("var", v, 0.0, None)
+    return check_magnitude("mean", c), check_magnitude("var", v, nonnegative=True)
 
 
 def shift_direct(c: float, v: float, dropout: Dropout) -> Shift:
@@ -507,8 +507,8 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
     if not config.rates:
         raise ValidationError("rate must be given at least once")
     preset = config.preset or resolve_preset("torch")
-    c = check_finite("mean", config.mean)
-    v = check_range("var", config.var, 0.0, None)
+    c = check_magnitude("mean", config.mean)
+    v = check_magnitude("var", config.var, nonnegative=True)
     check_topology(config.topology, THEORY_TOPOLOGIES)
     width = check_int("width", config.width, 1)
     n = preset.check_batch(check_int("batch_size", config.batch_size, 1))
