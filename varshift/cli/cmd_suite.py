@@ -9,6 +9,7 @@ import typer
 
 from varshift.cli._common import app
 from varshift.core.files import OutputPlan
+from varshift.core.validate import check_stem
 from varshift.jobs.suite import scenarios, suite_result
 from varshift.present.render import message, progress_bar
 from varshift.present.report import report_paths
@@ -51,7 +52,7 @@ def suite(
     The same seed gives byte-identical files.
     """
     plan = OutputPlan(force=force)
-    plan.add_all(report_paths(report_dir, stem))
+    plan.add_all(report_paths(report_dir, check_stem("--stem", stem)))
     with progress_bar("suite", len(scenarios(quick)), quiet=quiet) as update:
         result = suite_result(seed, quick=quick, progress=update)
     for p in write_suite_report(result, report_dir, stem):

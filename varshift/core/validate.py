@@ -104,3 +104,14 @@ def check_budget(what: str, amount: float, limit: float, hint: str) -> None:
     """Refuse a job whose estimated ``amount`` (values) exceeds ``limit``, before it starts."""
     if amount > limit:
         raise ValidationError(f"{what} would be {amount:.3g} values; at most {limit:.3g} ({hint})")
+
+
+def check_stem(name: str, value: str) -> str:
+    """Return ``value`` if it is a plain file-name stem: not empty, no folder separator, no
+    ``..``, so the files it names stay inside their folder."""
+    text = str(value)
+    if not text.strip() or "/" in text or "\\" in text or text in (".", "..") or "\0" in text:
+        raise ValidationError(
+            f"{name} must be a file name stem without folders (no '/', '\\\\', '..'); got {text!r}"
+        )
+    return text
