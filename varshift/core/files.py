@@ -69,7 +69,8 @@ def _check_writable_folder(path: Path, label: str) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise OutputFileError(f"{label}: {folder} is not a folder")
-    probe = temp_name(folder / f"probe-{path.name}")
+    remove_stale_temps(folder / path.name)  # also probes left by killed runs
+    probe = temp_name(folder / path.name)
     try:  # os.access says yes to root everywhere, also on read-only or virtual file systems
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
