@@ -292,3 +292,15 @@ def test_property_no_traceback_no_modified_input_no_output_after_failure(
     if result.exit_code == 2 or (result.exit_code == 1 and args[0] != "check"):
         assert list(out_dir.iterdir()) == [], (argv, result.stderr)
     assert not [p for p in out_dir.iterdir() if "varshift-tmp" in p.name]
+
+
+def test_diagnose_and_recalibrate_refuse_their_inputs_as_output(tmp_path: Path) -> None:
+    data = tmp_path / "x.npz"
+    data.write_bytes(b"not read: the output check comes first")
+    model = tmp_path / "m.pt2"
+    model.write_bytes(b"not read either")
+    for command in ("diagnose", "recalibrate"):
+        for target in (data, model):
+            result = run(command, "--model", model, "--data", data, "-o", target, "--force")
+            assert_refused(result, "is the input")
+    assert data.read_bytes().startswith(b"not read")

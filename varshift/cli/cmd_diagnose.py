@@ -12,8 +12,7 @@ import pandas as pd
 import typer
 
 from varshift.cli._common import OutputFormat, app
-from varshift.core.errors import OutputFileError
-from varshift.core.files import refuse_existing
+from varshift.core.files import OutputPlan
 from varshift.jobs.diagnose import (
     DataSpec,
     DiagnoseConfig,
@@ -28,6 +27,11 @@ from varshift.present import output as _output
 from varshift.present.report import frame_records
 
 
+def _plan(output: Path, force: bool, *inputs: str | Path | None) -> None:
+    """Check ``--output`` against every input (also through links) and an existing file."""
+    OutputPlan([Path(p) for p in inputs if p], force=force).add(output, "--output")
+
+
 def emit(
     df: pd.DataFrame,
     fmt: OutputFormat,
@@ -37,8 +41,6 @@ def emit(
     **kwargs: object,
 ) -> None:
     """The shared renderer, with this command's output checked against existing files first."""
-    if output is not None:
-        refuse_existing(output, force=force, option="--output")
     _output.emit(df, fmt.value, output=output, **kwargs)  # type: ignore[arg-type]
 
 
@@ -186,8 +188,8 @@ def diagnose(
         device=None if device is None else device.value,
         dropout_on=dropout_on,
     )
-    if output is not None and output.exists() and not force:
-        raise OutputFileError(f"{output}: already exists; pass --force to overwrite it")
+    if output is not None:
+        _plan(output, force, model, data, checkpoint, labels)
     progress = _progress(quiet)
     result = run_diagnose(config, progress)
     _done(progress)
@@ -251,6 +253,7 @@ def recalibrate(
         device=None if device is None else device.value,
         force=force,
     )
+    _plan(output, force, model, data, checkpoint, labels)
     progress = _progress(quiet)
     job = run_recalibrate(config, progress)
     _done(progress)
