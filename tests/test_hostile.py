@@ -304,3 +304,13 @@ def test_diagnose_and_recalibrate_refuse_their_inputs_as_output(tmp_path: Path) 
             result = run(command, "--model", model, "--data", data, "-o", target, "--force")
             assert_refused(result, "is the input")
     assert data.read_bytes().startswith(b"not read")
+
+
+def test_clipping_is_reported_even_with_quiet(tmp_path: Path) -> None:
+    # v = q (V + mu²) - mu² = 0.8 · 1.25 - 1 = 0 for channel 0: clipped to eps, loudly
+    stats = tmp_path / "clip.csv"
+    stats.write_text("layer,channel,mean,var,count\nbn,0,1,0.25,500\nbn,1,0,1,500\n")
+    out = tmp_path / "o.csv"
+    result = run("correct", stats, "--rate", "0.2", "-o", out, "--quiet", "--no-report")
+    assert result.exit_code == 0, result.stderr
+    assert "warning" in result.stderr and "clipped" in result.stderr, result.stderr
