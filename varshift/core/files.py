@@ -272,6 +272,8 @@ def replacing(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:  # exclusivity applies to the one write the plan announced
+        _EXCLUSIVE.discard(str(path.absolute()))
 
 
 def atomic_write(path: Path, data: str | bytes, *, force: bool = False) -> Path:
