@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   ?= simulate --rate 0.2
 
-.PHONY: demo test lint typecheck pytest regression bench reports baseline clean browser
+.PHONY: demo test lint typecheck pytest regression fuzz bench reports baseline clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ regression: $(VENV)/.test
 		--junit $(CHECK_DIR)/check.xml --markdown $(CHECK_DIR)/check.md --force --quiet
 
 test: lint typecheck pytest regression
+
+# The hostile-input and crash-safety suites at length (hypothesis profile "fuzz": ~1,500
+# command lines, a dozen kill -9 runs, several concurrent writers); `make test` runs them short.
+fuzz: $(VENV)/.test
+	VARSHIFT_HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_hostile.py tests/test_crash.py
 
 # The suite under reports/ (CSV, Markdown, JSON).
 reports: $(VENV)/.core

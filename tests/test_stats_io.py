@@ -558,7 +558,7 @@ def test_writer_refuses_to_overwrite_or_to_touch_the_input(tmp_path: Path) -> No
         write_stats(stats, tmp_path, force=True)
     write_stats(changed(stats), other, force=True)
     assert read_stats(other).layers["head.bn"].var.tolist() == [1.25, 1.75]
-    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+    assert not list(tmp_path.glob(".*varshift-tmp*"))  # no temporary file left behind
 
 
 def test_a_file_without_bn_statistics_has_no_layers(tmp_path: Path) -> None:

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, MutableMapping
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
 
 from varshift.cli import _fast, _help
 from varshift.core.errors import RegressionFound, ValidationError, VarshiftError
+
+try:  # typer >= 0.16 vendors click as typer._click; older typers use click itself
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import UsageError  # type: ignore[assignment]
 
 #: Command name → module that defines it, in the order ``--help`` lists them.
 COMMANDS: dict[str, str] = {
@@ -123,6 +128,14 @@ class _Commands(MutableMapping[str, Any]):
         return len(set(COMMANDS) | set(self._loaded))
 
 
+def _usage_error(exc: UsageError) -> NoReturn:
+    """Print a click usage error as ``varshift: error: <message>`` on one line; exit 2."""
+    message = " ".join(exc.format_message().split())
+    command = exc.ctx.command_path if exc.ctx is not None else "varshift"
+    typer.echo(f"varshift: error: {message} (see '{command} -h')", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
 class LazyGroup(TyperGroup):
     """A Typer group whose commands load on demand and whose errors map to exit codes."""
 
@@ -150,10 +163,23 @@ class LazyGroup(TyperGroup):
         """Every command name, in :data:`COMMANDS` order, without loading any."""
         return list(self.commands)
 
+    def make_context(self, info_name: str | None, args: list[str], *a: Any, **kw: Any) -> Any:
+        """The group's context; a usage error in the group's own options is one line."""
+        try:
+            return super().make_context(info_name, args, *a, **kw)
+        except UsageError as exc:
+            _usage_error(exc)
+
     def invoke(self, ctx: Any) -> Any:
-        """Run the command; a :class:`VarshiftError` is its one-line message and exit code."""
+        """Run the command; a :class:`VarshiftError` is its one-line message and exit code.
+
+        A usage error (``--rate abc``, an unknown option) is one line too, exit 2, instead of
+        click's usage lines and Rich box.
+        """
         try:
             return super().invoke(ctx)
+        except UsageError as exc:
+            _usage_error(exc)
         except VarshiftError as exc:
             label = "check failed" if isinstance(exc, RegressionFound) else "error"
             typer.echo(f"varshift: {label}: {exc}", err=True)

@@ -291,7 +291,7 @@ def correct(
     emit(
         to_table(result.rows), fmt.value, metadata=result.metadata, title=show.correct_title(result)
     )
-    _notes([f"warning: {w}" for w in result.correction.warnings], quiet)
+    _notes([f"warning: {w}" for w in result.correction.warnings], False)  # clipping: never quiet
     if not dry_run:
         _notes([f"wrote {' and '.join(map(str, written))}"], quiet)
     else:

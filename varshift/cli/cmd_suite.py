@@ -9,6 +9,7 @@ import typer
 
 from varshift.cli._common import app
 from varshift.core.files import OutputPlan
+from varshift.core.validate import check_stem
 from varshift.jobs.suite import scenarios, suite_metadata, suite_result
 from varshift.present.render import message, progress_bar
 from varshift.present.suite import plan_suite_report, write_suite_report
@@ -66,7 +67,9 @@ def suite(
     rerunning an identical command leaves them in place and succeeds; files from other
     parameters need `--force`.
     """
-    plan_suite_report(OutputPlan(force=force), report_dir, stem, suite_metadata(seed, quick))
+    plan_suite_report(
+        OutputPlan(force=force), report_dir, check_stem("--stem", stem), suite_metadata(seed, quick)
+    )
     with progress_bar("suite", len(scenarios(quick)), quiet=quiet) as update:
         result = suite_result(
             seed, quick=quick, progress=update, workers=workers, scheduler=scheduler

@@ -10,8 +10,11 @@ are written once, here.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import os
-import tempfile
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +25,10 @@ __all__ = [
     "OutputPlan",
     "atomic_write",
     "refuse_existing",
+    "remove_stale_temps",
     "replacing",
     "same_file",
+    "temp_name",
     "write_unchanged_or_new",
 ]
 
@@ -54,6 +59,25 @@ def same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _check_writable_folder(path: Path, label: str) -> None:
+    """Refuse ``path`` now if its folder (or the nearest existing ancestor, when the folder is
+    to be created) is not a writable folder, so no other output is written before that fails."""
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputFileError(f"{label}: {folder} is not a folder")
+    remove_stale_temps(folder / path.name)  # also probes left by killed runs
+    probe = temp_name(folder / path.name)
+    try:  # os.access says yes to root everywhere, also on read-only or virtual file systems
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise OutputFileError(f"{label}: cannot write in {folder} ({exc.strerror})") from None
+    probe.unlink(missing_ok=True)
 
 
 class OutputPlan:
@@ -112,11 +136,20 @@ class OutputPlan:
                 raise OutputFileError(
                     f"{label}: is also {_label(other, other_option)}; choose different outputs"
                 )
+        if not str(path) or str(path) == ".":
+            raise OutputFileError(f"{label or repr(str(path))}: is not a file name")
         if replace:
             if path.is_dir():
                 raise OutputFileError(f"{label}: is a folder; expected a file name")
         else:
             refuse_existing(path, force=self.force, option=option)
+        _check_writable_folder(path, label)
+        # Planned without force: created exclusively. A later plan of the same path with force
+        # (a writer re-checking what its caller planned) must not undo that mark.
+        if replace:
+            _EXCLUSIVE.discard(str(path.absolute()))
+        elif not self.force:
+            _EXCLUSIVE.add(str(path.absolute()))
         self.outputs.append((path, option))
         return path
 
@@ -125,35 +158,124 @@ class OutputPlan:
         return [self.add(p, option) for p in paths]
 
 
+#: Temporary files are named ``.<name>.varshift-tmp-<pid>`` next to their target, so a kill
+#: leaves a file that is recognisably varshift's; the next write to that target removes it.
+TMP_MARK = ".varshift-tmp-"
+
+#: Paths planned without ``--force``: :func:`replacing` creates them exclusively (a hard link
+#: of the finished temporary file), so of two processes writing the same new output one wins
+#: and the other is refused, instead of the later silently replacing the earlier.
+_EXCLUSIVE: set[str] = set()
+
+
+def temp_name(path: Path, pid: int | None = None) -> Path:
+    """The temporary file :func:`replacing` writes for ``path`` in process ``pid``."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid() if pid is None else pid}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove temporary files of ``path`` left by killed varshift processes; return them."""
+    removed = []
+    folder = path.parent if str(path.parent) else Path(".")
+    for tmp in folder.glob(f".{glob.escape(path.name)}{TMP_MARK}*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _write_error(path: Path, exc: OSError) -> OutputFileError:
+    """An :class:`OutputFileError` naming ``path`` (and the free space when the disk is full)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        folder = path.parent if str(path.parent) else Path(".")
+        free = shutil.disk_usage(folder).free
+        return OutputFileError(
+            f"{path}: the disk is full ({free:,} bytes free in {folder}); nothing was written"
+        )
+    return OutputFileError(f"{path}: cannot write it ({exc.strerror or exc})")
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """fsync ``tmp`` and move it to ``path``: exclusively (a hard link) if ``path`` was planned
+    without ``--force``, else by an atomic rename."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    if str(path.absolute()) in _EXCLUSIVE:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise OutputFileError(
+                f"{path}: was created by another process while varshift wrote it; pass --force "
+                "to overwrite it"
+            ) from None
+        except OSError:  # a file system without hard links: check, then rename
+            if path.exists():
+                raise OutputFileError(
+                    f"{path}: already exists; pass --force to overwrite it"
+                ) from None
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
+    else:
+        os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
+        dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary file next to ``path`` that atomically replaces it when the block succeeds.
 
-    The temporary file gets the mode a plain ``open()`` would give (``0666 & ~umask``, not
-    mkstemp's 0600); on any error it is removed and ``path`` is left as it was.
+    The temporary file (:func:`temp_name`) is created exclusively, gets the mode a plain
+    ``open()`` would give (``0666 & ~umask``), is fsynced before the rename, and is removed on
+    any error, leaving ``path`` as it was. Stale temporary files of killed runs are removed
+    first (:func:`remove_stale_temps`).
 
     Raises
     ------
     OutputFileError
-        If the folder cannot be created or written.
+        If the folder cannot be created or written, or the disk is full (naming the path and
+        the free space), or ``path`` was planned as new and another process created it.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    tmp = temp_name(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        remove_stale_temps(path)
+        tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as exc:
         raise OutputFileError(f"{folder}: cannot write here ({exc.strerror})") from None
-    os.close(fd)
     try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            _commit(tmp, path)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    finally:  # exclusivity applies to the one write the plan announced
+        _EXCLUSIVE.discard(str(path.absolute()))
 
 
 def atomic_write(path: Path, data: str | bytes, *, force: bool = False) -> Path:
@@ -166,6 +288,8 @@ def atomic_write(path: Path, data: str | bytes, *, force: bool = False) -> Path:
     """
     path = Path(path)
     refuse_existing(path, force=force)
+    if not force:
+        _EXCLUSIVE.add(str(path.absolute()))
     with replacing(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return path

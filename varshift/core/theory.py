@@ -29,7 +29,7 @@ from varshift.core.topology import (
     check_topology,
 )
 from varshift.core.topology import TOPOLOGIES as TOPOLOGY_RECORDS
-from varshift.core.validate import check_finite, check_int, check_range
+from varshift.core.validate import check_finite, check_int, check_magnitude, check_range
 
 FloatArray = NDArray[np.float64]
 
@@ -69,7 +69,7 @@ class Shift:
 
 
 def _check_mean_var(c: float, v: float) -> tuple[float, float]:
-    return check_finite("mean", c), check_range("var", v, 0.0, None)
+    return check_magnitude("mean", c), check_magnitude("var", v, nonnegative=True)
 
 
 def shift_direct(c: float, v: float, dropout: Dropout) -> Shift:
@@ -513,8 +513,8 @@ def theory_table(config: TheoryConfig) -> list[TheoryRow]:
     if not config.rates:
         raise ValidationError("rate must be given at least once")
     preset = config.preset or resolve_preset(DEFAULT_FRAMEWORK)
-    c = check_finite("mean", config.mean)
-    v = check_range("var", config.var, 0.0, None)
+    c = check_magnitude("mean", config.mean)
+    v = check_magnitude("var", config.var, nonnegative=True)
     check_topology(config.topology, THEORY_TOPOLOGIES)
     width = check_int("width", config.width, 1)
     n = preset.check_batch(check_int("batch_size", config.batch_size, 1))

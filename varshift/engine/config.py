@@ -26,7 +26,16 @@ from varshift.core.topology import (
     with_field,
 )
 from varshift.core.topology import TOPOLOGIES as _RECORDS
-from varshift.core.validate import check_choice, check_finite, check_int, check_range
+from varshift.core.validate import (
+    MAX_ELEMENTS,
+    MAX_WORK,
+    check_budget,
+    check_choice,
+    check_finite,
+    check_int,
+    check_magnitude,
+    check_range,
+)
 from varshift.engine.inputs import INPUT_DISTS
 
 FloatArray = NDArray[np.float64]
@@ -361,6 +370,23 @@ def _epoch_batches(
     return full, last
 
 
+def _check_budget(rows: int, row_elems: int, batch: int, steps: int) -> None:
+    """Refuse, before anything runs, a simulation that would not fit in memory or would run
+    for hours (``MAX_ELEMENTS``, ``MAX_WORK`` of :mod:`varshift.core.validate`)."""
+    check_budget(
+        "the samples in memory (samples × values per row)",
+        rows * row_elems,
+        MAX_ELEMENTS,
+        "reduce --samples, --features, --width or --spatial",
+    )
+    check_budget(
+        "the work (steps × batch × values per row)",
+        steps * batch * row_elems,
+        MAX_WORK,
+        "reduce --epochs, --steps or the batch and row size",
+    )
+
+
 def make_plan(config: SimConfig) -> Plan:
     """Validate ``config`` at the boundary and resolve its defaults.
 
@@ -374,8 +400,8 @@ def make_plan(config: SimConfig) -> Plan:
     topology = check_topology(config.topology, TOPOLOGIES)
     topo = _RECORDS[topology]
     input_dist = check_choice("input_dist", config.input_dist, INPUT_DISTS)
-    mean = check_finite("mean", config.mean)
-    std = check_range("std", config.std, 0.0, None)
+    mean = check_magnitude("mean", config.mean)
+    std = check_magnitude("std", config.std, nonnegative=True)
     batch = check_int("batch_size", config.batch_size, 1)
     epochs = check_int("epochs", config.epochs, 1)
     steps = None if config.steps is None else check_int("steps", config.steps, 1)
@@ -393,6 +419,8 @@ def make_plan(config: SimConfig) -> Plan:
     probe = check_finite("probe", config.probe)
 
     row_elems = math.prod((features, *spatial)) if topo.spatial else width + features
+    total_steps = epochs * per_epoch if steps is None else steps
+    _check_budget(rows, row_elems, batch, total_steps)
     return Plan(
         dropout=dropout,
         preset=preset,
@@ -408,7 +436,7 @@ def make_plan(config: SimConfig) -> Plan:
         batch=batch,
         last=last,
         full_batches=full,
-        steps=epochs * per_epoch if steps is None else steps,
+        steps=total_steps,
         rho=layout.rho,
         cos2=layout.cos2,
         data=layout.data,

@@ -33,7 +33,9 @@ from __future__ import annotations
 from varshift.formats.base import BNLayer, BNStats, Extra, FloatArray, Format
 from varshift.formats.registry import (
     FORMATS,
+    MAX_INPUT_BYTES,
     REGISTRY,
+    check_input_file,
     detect_format,
     format_from_extension,
     get_format,
@@ -44,12 +46,14 @@ from varshift.formats.registry import (
 
 __all__ = [
     "FORMATS",
+    "MAX_INPUT_BYTES",
     "REGISTRY",
     "BNLayer",
     "BNStats",
     "Extra",
     "FloatArray",
     "Format",
+    "check_input_file",
     "detect_format",
     "format_from_extension",
     "get_format",

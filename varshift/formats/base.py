@@ -249,15 +249,25 @@ def number(text: Any, where: str, what: str) -> float:
     """``float(text)`` or an :class:`InputFileError` naming ``what`` and the text."""
     try:
         return float(text)
+    except OverflowError:
+        raise InputFileError(
+            f"{where}: {what} {_short(text)} is too large for a 64-bit float (max ~1.8e308)"
+        ) from None
     except (TypeError, ValueError):
-        raise InputFileError(f"{where}: {what} {text!r} is not a number") from None
+        raise InputFileError(f"{where}: {what} {_short(text)} is not a number") from None
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a 5,000-digit integer is not echoed)."""
+    text = repr(value) if not isinstance(value, int) else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def integer(text: Any, where: str, what: str) -> int:
     """An integral number (``"3"``, ``3.0``) or an :class:`InputFileError`."""
     value = number(text, where, what)
     if not float(value).is_integer():
-        raise InputFileError(f"{where}: {what} {text!r} is not an integer")
+        raise InputFileError(f"{where}: {what} {_short(text)} is not an integer")
     return int(value)
 
 

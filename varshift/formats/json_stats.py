@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -19,6 +20,7 @@ from varshift.formats.base import (
     FloatArray,
     Format,
     Origin,
+    first_line,
     integer,
     make_stats,
     number,
@@ -43,6 +45,13 @@ def read(path: Path, fmt: str) -> BNStats:
         doc = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise InputFileError(f"{path}: not valid JSON (truncated?): {exc}") from None
+    except RecursionError:
+        raise InputFileError(
+            f"{path}: JSON nested deeper than Python's recursion limit "
+            f"({sys.getrecursionlimit()}); statistics files are a few levels deep"
+        ) from None
+    except ValueError as exc:  # an integer longer than sys.get_int_max_str_digits()
+        raise InputFileError(f"{path}: not usable JSON: {first_line(exc)}") from None
     if isinstance(doc, list):
         return _read_records(doc, path, fmt)
     if not (isinstance(doc, dict) and isinstance(doc.get("layers"), dict)):

@@ -144,7 +144,7 @@ def _keras_layer(group: Any, where: str, count: int | None, count_key: str | Non
             f"{where}: layer {name!r}: expected 2 to 4 variables (gamma, beta, moving_mean, "
             f"moving_variance) in {group.name}; found {len(indices)}"
         )
-    datasets = [group[i] for i in indices]
+    datasets = [_dataset(group, i, where, name) for i in indices]
     for ds in datasets:
         if ds.attrs.get("dtype") == "bfloat16":
             raise InputFileError(
@@ -173,6 +173,37 @@ def _keras_layer(group: Any, where: str, count: int | None, count_key: str | Non
         dtype=str(var_ds.dtype),
         keys=MappingProxyType(keys),
     )
+
+
+#: The most values one BN variable may hold (a BN layer has one per channel).
+MAX_VARIABLE_VALUES = 2**27
+
+
+def _dataset(group: Any, key: str, where: str, name: str) -> Any:
+    """``group[key]`` if it is a hard-linked dataset of real floats of a sane size.
+
+    Soft and external links are refused (an external link reads another file, a soft link
+    can loop or point outside the layer); so are string, compound and integer datasets.
+    """
+    import h5py
+
+    link = group.get(key, getlink=True)
+    here = f"{where}: layer {name!r}: {group.name}/{key}"
+    if not isinstance(link, h5py.HardLink):
+        raise InputFileError(
+            f"{here}: is a link ({type(link).__name__}); varshift reads stored datasets only"
+        )
+    ds = group[key]
+    if not isinstance(ds, h5py.Dataset):
+        raise InputFileError(f"{here}: is a group; expected a dataset of numbers")
+    if ds.dtype.kind != "f" and ds.attrs.get("dtype") != "bfloat16":
+        raise InputFileError(f"{here}: holds {ds.dtype} values; expected floating-point numbers")
+    if ds.size > MAX_VARIABLE_VALUES:
+        raise InputFileError(
+            f"{here}: holds {ds.size:,} values; a BN variable holds at most "
+            f"{MAX_VARIABLE_VALUES:,} (one per channel)"
+        )
+    return ds
 
 
 def write(stats: BNStats, path: Path, fmt: str) -> None:

@@ -40,6 +40,14 @@ def read_text(path: Path) -> str:
         raise InputFileError(f"{path}: not UTF-8 text: {exc.reason}") from None
 
 
+def _shown_header(header: list[str], limit: int = 200) -> str:
+    """The header as ``a, b, c``, cut to ``limit`` characters (a 300 KB line is not echoed)."""
+    text = ", ".join(header) or "(none)"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(header):,} columns, {len(text):,} characters)"
+
+
 def columns(header: list[str], where: str) -> dict[str, int]:
     """Role → column index; the four required ones must be present."""
     lowered = [h.strip().lower() for h in header]
@@ -53,7 +61,7 @@ def columns(header: list[str], where: str) -> dict[str, int]:
     if missing:
         raise InputFileError(
             f"{where}: missing column(s) {', '.join(missing)}; expected a header with layer, "
-            f"channel, mean, var (optional count, scale, bias); got {', '.join(header) or '(none)'}"
+            f"channel, mean, var (optional count, scale, bias); got {_shown_header(header)}"
         )
     return found
 

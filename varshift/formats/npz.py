@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import math
 import zipfile
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def read(path: Path, fmt: str) -> BNStats:
     try:
         with zipfile.ZipFile(path) as zf:
             compressed = any(i.compress_type != zipfile.ZIP_STORED for i in zf.infolist())
+            for info in zf.infolist():
+                _check_member(zf, info, path)
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except ValueError as exc:
@@ -50,6 +53,38 @@ def read(path: Path, fmt: str) -> BNStats:
     layers, framework = layers_from_tensors(arrays, str(path), numpy_convert)
     origin = Origin(arrays, {"compressed": compressed}, lambda: dict(arrays))
     return make_stats(layers, fmt, path, framework, origin)
+
+
+def _check_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> None:
+    """Refuse a member whose header declares more data than the member holds.
+
+    ``np.load`` allocates the declared shape before reading, so a 200-byte member declaring
+    10¹² elements would ask for 8 TB; the header is read first and checked against the
+    member's size.
+    """
+    if not info.filename.endswith(".npy"):
+        return
+    with zf.open(info) as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            reader = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = reader(fh)
+        except (ValueError, OSError) as exc:
+            raise InputFileError(
+                f"{path}: {info.filename}: not a .npy array: {first_line(exc)}"
+            ) from None
+    if dtype.hasobject:
+        return  # refused by np.load(allow_pickle=False) with the pickle message
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > info.file_size:
+        raise InputFileError(
+            f"{path}: {info.filename}: declares shape {shape} ({declared:,} bytes) but holds "
+            f"{info.file_size:,} bytes (corrupt or forged archive)"
+        )
 
 
 def write(stats: BNStats, path: Path, fmt: str) -> None:

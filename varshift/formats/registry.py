@@ -23,6 +23,7 @@ How to add a format
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -141,6 +142,43 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     )
 
 
+#: The largest statistics file varshift reads (bytes); BN statistics of real models are far
+#: smaller (a ResNet-50 checkpoint is ~100 MB), so a larger file is refused before it is read.
+MAX_INPUT_BYTES = 4 * 2**30
+
+
+def check_input_file(path: Path, *, limit: int = MAX_INPUT_BYTES) -> None:
+    """Refuse what is not a readable, non-empty regular file of at most ``limit`` bytes.
+
+    A FIFO would block and a device (``/dev/urandom``, also through a symbolic link) would be
+    read forever, so only regular files are read.
+
+    Raises
+    ------
+    InputFileError
+        Missing, a folder, not a regular file, empty or larger than ``limit``.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read it ({exc.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputFileError(f"{path}: is a folder; expected a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputFileError(
+            f"{path}: is not a regular file (a pipe, socket or device); varshift reads files only"
+        )
+    if info.st_size == 0:
+        raise InputFileError(f"{path}: the file is empty")
+    if info.st_size > limit:
+        raise InputFileError(
+            f"{path}: {info.st_size:,} bytes is larger than the {limit:,}-byte limit for a "
+            "statistics file"
+        )
+
+
 def read_stats(path: str | os.PathLike[str], fmt: str | None = None) -> BNStats:
     """Read the BatchNorm statistics of a file.
 
@@ -168,12 +206,7 @@ def read_stats(path: str | os.PathLike[str], fmt: str | None = None) -> BNStats:
         The optional extra the format needs is not installed.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputFileError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputFileError(f"{p}: is a folder; expected a file")
-    if p.stat().st_size == 0:
-        raise InputFileError(f"{p}: the file is empty")
+    check_input_file(p)
     record = get_format(detect_format(p) if fmt is None else fmt)
     stats = record.read(p, record.name)
     if record.framework is not None:

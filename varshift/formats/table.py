@@ -27,7 +27,10 @@ def read(path: Path, fmt: str) -> BNStats:
     text = read_text(path)
     delimiter = _DELIMITERS[fmt]
     newline = "\r\n" if "\r\n" in text else "\n"
-    records = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    try:
+        records = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    except csv.Error as exc:  # e.g. a field over csv.field_size_limit() (131,072 characters)
+        raise InputFileError(f"{path}: not a readable {fmt} table: {exc}") from None
     if not records or not any(records[0]):
         raise InputFileError(f"{path}: no header line; expected layer, channel, mean, var")
     header = records[0]

@@ -32,9 +32,32 @@ Converted = tuple[FloatArray, tuple[int, ...], str]
 
 
 def numpy_convert(value: Any) -> Converted:
-    """:data:`Converted` of a NumPy array (or anything ``np.asarray`` takes)."""
+    """:data:`Converted` of a NumPy array (or anything ``np.asarray`` takes).
+
+    Raises
+    ------
+    InputFileError
+        For a complex, string, structured or object array (``where`` is added by the caller).
+    """
     arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise InputFileError(f"holds {arr.dtype} values; expected real numbers")
     return arr.astype(np.float64).reshape(-1), tuple(arr.shape), str(arr.dtype)
+
+
+def _is_float(dtype: str) -> bool:
+    """Whether a stored dtype name (``float32``, ``bfloat16``, ``<f4``) is a floating type."""
+    return "float" in dtype or dtype.lstrip("<>=|").startswith("f")
+
+
+def _converted(
+    convert: Callable[[Any], Converted], tensors: Mapping[str, Any], key: str, where: str
+) -> Converted:
+    """``convert(tensors[key])`` with the layer and key named in a refusal."""
+    try:
+        return convert(tensors[key])
+    except InputFileError as exc:
+        raise InputFileError(f"{where}: {key!r} {exc}") from None
 
 
 def split_key(key: str) -> tuple[str, str, str]:
@@ -91,8 +114,14 @@ def _layer(
             f"{where}: layer {name!r}: has {found} but no {missing} "
             f"(key {f'{prefix}{sep}{missing}'!r} is missing)"
         )
-    mean, mean_shape, _ = convert(tensors[mean_key])
-    var, var_shape, dtype = convert(tensors[var_key])
+    mean, mean_shape, mean_dtype = _converted(convert, tensors, mean_key, where)
+    var, var_shape, dtype = _converted(convert, tensors, var_key, where)
+    for key, stored in ((mean_key, mean_dtype), (var_key, dtype)):
+        if not _is_float(stored):
+            raise InputFileError(
+                f"{where}: {key!r} is stored as {stored}; BatchNorm statistics are floating "
+                "point, and a corrected value could not be written back without truncating it"
+            )
     if mean_shape != var_shape:
         raise InputFileError(
             f"{where}: layer {name!r}: {mean_name} has shape {mean_shape} but "
@@ -104,14 +133,14 @@ def _layer(
         for candidate in candidates:
             k = f"{prefix}{sep}{candidate}"
             if k in tensors:
-                values, shape, _ = convert(tensors[k])
+                values, shape, _ = _converted(convert, tensors, k, where)
                 if shape == var_shape:
                     affine[role], keys[role] = values, k
                     break
     count = None
     count_key = f"{prefix}{sep}{COUNT_NAME}"
     if count_key in tensors:
-        values, _, _ = convert(tensors[count_key])
+        values, _, _ = _converted(convert, tensors, count_key, where)
         if values.size == 1 and np.isfinite(values[0]):
             count, keys["count"] = int(values[0]), count_key
     return BNLayer(

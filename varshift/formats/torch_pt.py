@@ -72,6 +72,12 @@ def read(path: Path, fmt: str) -> BNStats:
     tensors = {k: v for k, v in state.items() if isinstance(k, str) and torch.is_tensor(v)}
 
     def convert(t: Any) -> Converted:
+        if t.layout != torch.strided or t.device.type == "meta":
+            kind = "meta" if t.device.type == "meta" else str(t.layout).removeprefix("torch.")
+            raise InputFileError(f"is a {kind} tensor; expected a dense tensor with values")
+        if t.is_complex():
+            shown = str(t.dtype).removeprefix("torch.")
+            raise InputFileError(f"holds {shown} values; expected real numbers")
         values = t.detach().to(device="cpu", dtype=torch.float64).numpy().reshape(-1)
         return values, tuple(t.shape), str(t.dtype).removeprefix("torch.")
 

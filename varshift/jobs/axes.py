@@ -72,6 +72,12 @@ def _expand_range(name: str, item: str, max_values: int) -> list[float]:
         if step == 0:
             raise ValidationError(f"{name} range {item!r} is empty: the step must not be 0")
         ratio = (stop - start) / step
+    if not math.isfinite(ratio):  # 0:1e300:1e-10: the count overflows a float
+        raise ValidationError(
+            f"{name} range {item!r} has more than {max_values} values; at most {max_values} "
+            "per axis"
+        )
+    if not geometric:
         count = math.floor(ratio + 1e-9) + 1 if ratio > -1e-9 else 0
     if count <= 0:
         direction = "start > stop with a positive step" if step > 0 else "start < stop"

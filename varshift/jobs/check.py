@@ -181,6 +181,11 @@ def compare(
     z = check_range("z", z, 0.0, None, closed="neither")
     rtol = check_range("rtol", rtol, 0.0, None)
     atol = check_range("atol", atol, 0.0, None)
+    if not baseline:
+        raise ValidationError(
+            f"{baseline_name} holds no metrics; nothing to compare (a gate that compares "
+            "nothing cannot fail)"
+        )
     missing = [k for k in baseline if k not in current]
     extra = [k for k in current if k not in baseline]
     if missing or extra:
@@ -358,6 +363,10 @@ def load_report(path: Path) -> tuple[dict[str, Any], dict[tuple[str, str], Metri
         raise InputFileError(
             f"{path}: not a JSON report ({exc.msg} at line {exc.lineno})"
         ) from None
+    except RecursionError:
+        raise InputFileError(f"{path}: not a JSON report (nested too deeply)") from None
+    except ValueError as exc:  # an integer over sys.get_int_max_str_digits() digits
+        raise InputFileError(f"{path}: not a JSON report ({str(exc)[:120]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
         raise InputFileError(f"{path}: not a varshift report (expected an object with 'rows')")
     if not doc["rows"]:
@@ -374,7 +383,10 @@ def load_metrics(path: Path) -> tuple[dict[str, Any], dict[tuple[str, str], Metr
     noise band, so checkpoints are compared with ``rtol``/``atol``; a change to any single
     channel moves at least one of them.
     """
+    from varshift.formats import check_input_file
+
     path = Path(path)
+    check_input_file(path)
     if path.suffix.lower() == ".json" and _is_report(path):
         return load_report(path)
     return {"source": str(path)}, _checkpoint_metrics(path)
@@ -384,7 +396,7 @@ def _is_report(path: Path) -> bool:
     """A ``.json`` file is a report unless it parses as JSON without a ``rows`` list."""
     try:
         doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # incl. UnicodeDecodeError, JSONDecodeError
         return True  # load_report names the problem
     return not isinstance(doc, dict) or "rows" in doc or "metadata" in doc
 
@@ -394,9 +406,16 @@ def _checkpoint_metrics(path: Path) -> dict[tuple[str, str], Metric]:
 
     stats = read_stats(path)
     out: dict[tuple[str, str], Metric] = {}
+    if not stats.layers:
+        raise InputFileError(
+            f"{path}: no BatchNorm layers; nothing to compare (a gate that compares nothing "
+            "cannot fail)"
+        )
     for name, layer in stats.layers.items():
         var = np.asarray(layer.var, dtype=np.float64)
         mean = np.asarray(layer.mean, dtype=np.float64)
+        if var.size == 0:
+            raise InputFileError(f"{path}: layer {name!r} has no channels; nothing to compare")
         values = {
             "var_mean": float(var.mean()),
             "var_min": float(var.min()),

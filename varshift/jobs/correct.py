@@ -136,6 +136,10 @@ class CorrectionConfig:
         check_choice("target", self.target, TARGETS)
         if self.batch_size is not None:
             self.preset.check_batch(self.batch_size)
+            if self.batch_size < 2:  # n/(n-1) undoes the biased variance and sizes the noise
+                raise ValidationError(
+                    f"batch_size must be >= 2 (the correction uses n/(n-1)); got {self.batch_size}"
+                )
         check_range("clip_z", self.clip_z, 0.0, None)
         check_range("clip_rtol", self.clip_rtol, 0.0, 1.0)
         if self.from_model and (self.rate is not None or self.rules):

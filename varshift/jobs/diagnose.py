@@ -161,9 +161,11 @@ def _check_output(config: RecalibrateConfig) -> None:
     inputs = [Path(config.model.model)] if config.model.model.lower().endswith(".pt2") else []
     if config.model.checkpoint is not None:
         inputs.append(Path(config.model.checkpoint))
+    files = [Path(config.data.data)] if Path(config.data.data).exists() else []
+    files += [Path(config.data.labels)] if config.data.labels is not None else []
     # The one output check (core.files): not an input (also through a link), not a folder, no
     # overwrite without force.
-    OutputPlan(inputs, force=config.force).add(out, "--output")
+    OutputPlan([*inputs, *files], force=config.force).add(out, "--output")
     exported = (
         bool(inputs) and inputs[0].suffix.lower() == ".pt2" and config.model.checkpoint is None
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 from varshift.core.errors import ValidationError
 from varshift.core.topology import ENGINE_TOPOLOGIES, TOPOLOGIES, check_topology, with_field
+from varshift.core.validate import check_seed
 from varshift.engine import SimConfig, SimResult, load_activations, simulate
 from varshift.jobs._meta import file_digest, run_metadata
 
@@ -152,6 +153,7 @@ def run_simulate(
     >>> res.metadata["command"], res.report_stem.startswith("simulate_direct_bernoulli_rate0.2")
     ('simulate', True)
     """
+    check_seed(job.seed)
     config = job.config
     if job.input_file is not None:
         config = replace(config, data=load_activations(job.input_file))
