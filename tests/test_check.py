@@ -221,3 +221,52 @@ def test_checkpoints_are_compared_layer_by_layer(tmp_path: Path) -> None:
     (base.with_suffix(".npz")).write_bytes(b"")
     code, _, err = invoke("check", str(tmp_path / "base.npz"), "--baseline", str(base))
     assert code == 2 and "base.npz" in err
+
+
+def _rule_rows(*names: str) -> list[dict[str, object]]:
+    return [
+        {"scenario": s, "metric": n, "value": 0.5, "sd": 0.0}
+        for s in ("classic", "keras")
+        for n in names
+    ]
+
+
+def test_fail_if_short_names_resolve_to_one_metric(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", _rule_rows("theory.shift_ratio", "theory.train_var"))
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "shift_ratio < 0.9")
+    assert code == 1
+    assert "classic/theory.shift_ratio" in err and "keras/theory.shift_ratio" in err
+    assert "train_var" not in err.split("regressed:")[1]
+
+
+def test_fail_if_ambiguous_short_name_lists_the_candidates(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", _rule_rows("shift_ratio_theory", "shift_ratio_measured"))
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "shift_ratio < 0.9")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "ambiguous" in err and "shift_ratio_measured, shift_ratio_theory" in err
+    # written in full, the same rule works
+    code, _, _ = invoke(
+        "check", str(b), "--baseline", str(b), "--fail-if", "shift_ratio_theory < 0.9"
+    )
+    assert code == 1
+
+
+def test_fail_if_unknown_name_lists_near_misses(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", _rule_rows("theory.shift_ratio", "theory.train_var"))
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "shift_ratoi < 0.9")
+    assert code == 2 and "matches no metric" in err and "did you mean shift_ratio" in err
+    # a short name is a whole word: 'ratio' is not a short name of 'theory.shift_ratio'
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "ratio < 0.9")
+    assert code == 2 and "matches no metric" in err
+
+
+def test_a_sweep_report_is_checked_point_by_point(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.json"
+    assert invoke("sweep", "--rate", "0.1,0.2,0.5", "-f", "json", "-o", str(sweep))[0] == 0
+    code, _, err = invoke("check", str(sweep), "--baseline", str(sweep))
+    assert code == 0 and "varshift check: ok" in err
+    # Δ = 1 - rate: only the rate 0.5 point (index 2) is below 0.6
+    code, _, err = invoke(
+        "check", str(sweep), "--baseline", str(sweep), "--fail-if", "shift_ratio < 0.6"
+    )
+    assert code == 1 and "1 regressed: " in err and "point2/shift_ratio" in err

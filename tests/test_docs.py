@@ -92,3 +92,22 @@ def test_the_public_modules_have_doctests() -> None:
     ):
         mod = importlib.import_module(module)
         assert any(t.examples for t in doctest.DocTestFinder().find(mod)), module
+
+
+def test_the_readme_check_example_runs_as_written(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The README's --fail-if example, run as written on two reports the tool wrote."""
+    import shlex
+
+    line = next(
+        ln for ln in (ROOT / "README.md").read_text().splitlines() if "--fail-if 'shift_ratio" in ln
+    )
+    argv = shlex.split(line.split("#")[0])
+    assert argv[:2] == ["varshift", "check"]
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for rate, expected in (("0.05", 0), ("0.2", 1)):  # Δ = 1 - rate against 'shift_ratio < 0.9'
+        for name in ("new.json", "old.json"):
+            args = ["theory", "--rate", rate, "-f", "json", "-o", name, "--force"]
+            assert runner.invoke(app, args).exit_code == 0
+        result = runner.invoke(app, argv[1:])
+        assert result.exit_code == expected, result.stderr

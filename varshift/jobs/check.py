@@ -198,11 +198,8 @@ def compare(
         rows.append(_compare_one(base, current[key], z, rtol, atol))
     failures = []
     for rule in rules:
-        hits = [m for m in current.values() if rule.matches(m)]
-        if not hits:
-            raise ValidationError(f"fail-if rule '{rule}' matches no metric in {current_name}")
-        for m in hits:
-            if rule.violated_by(m):
+        for m in rule_hits(rule, list(current.values()), current_name):
+            if _OPS[rule.op](m.value, rule.threshold):
                 base = baseline[m.key]
                 failures.append(
                     Comparison(
@@ -220,6 +217,59 @@ def compare(
                     )
                 )
     return CheckResult(tuple(rows), tuple(failures))
+
+
+def short_name_matches(pattern: str, name: str) -> bool:
+    """True if ``pattern`` is a short name of the metric ``name``.
+
+    A short name drops the scope before a dot and the qualifier after an underscore:
+    ``shift_ratio`` names ``theory.shift_ratio`` (suite reports) and ``shift_ratio_theory``
+    or ``shift_ratio_measured`` (simulate reports), but not ``inverse_shift_ratio``.
+
+    Examples
+    --------
+    >>> short_name_matches("shift_ratio", "theory.shift_ratio")
+    True
+    >>> short_name_matches("shift_ratio", "shift_ratio_theory")
+    True
+    >>> short_name_matches("ratio", "theory.shift_ratio")
+    False
+    """
+    last = name.rsplit(".", 1)[-1]
+    return name.endswith("." + pattern) or last.startswith(pattern + "_")
+
+
+def rule_hits(rule: Rule, metrics: Sequence[Metric], source: str) -> list[Metric]:
+    """The metrics a ``--fail-if`` rule names in ``metrics``.
+
+    The pattern is first matched as written (a glob on ``name`` or ``scenario/name``); if
+    nothing matches, as a short name (:func:`short_name_matches`), which must then name a
+    single metric.
+
+    Raises
+    ------
+    ValidationError
+        If the short name names several metrics (the error lists them) or nothing matches (the
+        error lists the closest names).
+    """
+    hits = [m for m in metrics if rule.matches(m)]
+    if hits:
+        return hits
+    names = sorted({m.name for m in metrics})
+    candidates = [n for n in names if short_name_matches(rule.pattern, n)]
+    if len(candidates) == 1:
+        return [m for m in metrics if m.name == candidates[0]]
+    if candidates:
+        raise ValidationError(
+            f"fail-if rule '{rule}' is ambiguous in {source}: "
+            f"{rule.pattern!r} names {', '.join(candidates)}; write one of them"
+        )
+    import difflib
+
+    shorts = {n.rsplit(".", 1)[-1]: n for n in names}
+    close = difflib.get_close_matches(rule.pattern, [*names, *shorts], n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
+    raise ValidationError(f"fail-if rule '{rule}' matches no metric in {source}{hint}")
 
 
 def _ratio(current: float, base: float) -> float:
@@ -295,13 +345,13 @@ def metrics_from_rows(
             )
             _add(out, metric, source)
             continue
-        text = [str(v) for k, v in row.items() if isinstance(v, str)]
-        scenario = "/".join(text) if text else f"row{i}"
+        scenario = _wide_scenario(row, i)
         for name, value in row.items():
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or name.endswith("_sd")
+                or name == "index"
             ):
                 continue
             sd = row.get(f"{name}_sd", 0.0) or 0.0
@@ -317,6 +367,16 @@ def metrics_from_rows(
                 source,
             )
     return out
+
+
+def _wide_scenario(row: Mapping[str, Any], i: int) -> str:
+    """The key of a wide row: its text columns, and its grid point when it has an ``index``
+    (a sweep's rows share their text columns and differ in numbers)."""
+    parts = [str(v) for v in row.values() if isinstance(v, str)]
+    index = row.get("index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        parts.append(f"point{index}")
+    return "/".join(parts) if parts else f"row{i}"
 
 
 def _add(out: dict[tuple[str, str], Metric], metric: Metric, source: str) -> None:
