@@ -115,7 +115,8 @@ def test_regressions_are_named_in_every_output_format(tmp_path: Path) -> None:
         summary.read_text().startswith("# earlier step\n")
         and "correction_error" in summary.read_text()
     )
-    assert "::error title=varshift check::classic/correction_error worse" in out
+    assert "::error file=" in out
+    assert ",title=varshift check::classic/correction_error worse" in out
 
 
 def test_fail_if_rules(tmp_path: Path) -> None:
@@ -270,3 +271,57 @@ def test_a_sweep_report_is_checked_point_by_point(tmp_path: Path) -> None:
         "check", str(sweep), "--baseline", str(sweep), "--fail-if", "shift_ratio < 0.6"
     )
     assert code == 1 and "1 regressed: " in err and "point2/shift_ratio" in err
+
+
+def _regressed_result(reason: str, scenario: str = "classic") -> object:
+    from varshift.jobs.check import CheckResult, Comparison
+
+    c = Comparison(scenario, "shift_ratio", 0.36, 0.2, 0.2 / 0.36, -0.16, 0.01, -16.0, "worse",
+                   True, reason)  # fmt: skip
+    return CheckResult((c,), (), {"parameters": {"current": "reports/new,1.json"}}, seconds=0.5)
+
+
+def _md_table_cells(markdown: str) -> list[list[str]]:
+    """The body cells of the first table, as a real GFM parser reads them."""
+    from markdown_it import MarkdownIt
+
+    tokens = MarkdownIt("commonmark").enable("table").parse(markdown)
+    rows: list[list[str]] = []
+    in_body = False
+    for t in tokens:
+        if t.type == "tbody_open":
+            in_body = True
+        elif t.type == "tr_open" and in_body:
+            rows.append([])
+        elif t.type == "inline" and in_body and rows:
+            rows[-1].append(t.content)
+    return rows
+
+
+def test_markdown_cells_survive_pipes_and_newlines() -> None:
+    from varshift.present.check import markdown_summary
+
+    reason = "higher is better; |diff| 0.16 > 0.01\nsecond line"
+    md = markdown_summary(_regressed_result(reason, "a|b"))  # type: ignore[arg-type]
+    rows = _md_table_cells(md)
+    assert len(rows) == 1 and len(rows[0]) == 8
+    scenario, metric, *_, mark, cell = rows[0]
+    assert scenario == "a|b" and metric == "shift_ratio" and mark == "**worse**"
+    assert cell.startswith("higher is better; |diff| 0.16 > 0.01")
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark").enable("table").render(md)
+    assert "higher is better; |diff| 0.16 &gt; 0.01<br>second line" in html
+
+
+def test_junit_has_times_and_annotations_name_the_file() -> None:
+    from varshift.present.check import github_annotations, junit_xml
+
+    result = _regressed_result("higher is better")
+    root = ET.fromstring(junit_xml(result))  # type: ignore[arg-type]
+    assert float(root.attrib["time"]) == 0.5
+    assert float(root.find("testsuite").attrib["time"]) == 0.5  # type: ignore[union-attr]
+    assert all(float(tc.attrib["time"]) >= 0 for tc in root.iter("testcase"))
+    [line] = github_annotations(result)  # type: ignore[arg-type]
+    # property values escape ',' and ':' (GitHub's workflow-command rules)
+    assert line.startswith("::error file=reports/new%2C1.json,title=varshift check::")

@@ -134,11 +134,12 @@ class Comparison:
 @dataclass(frozen=True)
 class CheckResult:
     """All comparisons plus the explicit rules that failed (and, from :func:`check_reports`,
-    the run metadata)."""
+    the run metadata and the seconds the check took)."""
 
     comparisons: tuple[Comparison, ...]
     rule_failures: tuple[Comparison, ...]
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    seconds: float = field(default=0.0, compare=False)
 
     @property
     def regressions(self) -> tuple[Comparison, ...]:
@@ -496,6 +497,9 @@ def check_reports(job: CheckJob) -> CheckResult:
     InputFileError, ValidationError
         An unreadable file, mismatched reports, or an invalid rule or tolerance.
     """
+    import time
+
+    start = time.perf_counter()
     rules = [parse_rule(r) for r in job.fail_if]
     _, base_metrics = load_metrics(job.baseline)
     _, cur_metrics = load_metrics(job.current)
@@ -517,4 +521,8 @@ def check_reports(job: CheckJob) -> CheckResult:
         "atol": job.atol,
         "fail_if": [str(r) for r in rules],
     }
-    return replace(result, metadata=run_metadata("check", params))
+    return replace(
+        result,
+        metadata=run_metadata("check", params),
+        seconds=time.perf_counter() - start,
+    )
