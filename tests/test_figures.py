@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -109,5 +110,5 @@ def test_comparison_chart_keeps_its_title_and_tick_labels_apart(big: float) -> N
     shown = [t for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
     ext = sorted((t.get_window_extent(renderer) for t in shown), key=lambda b: b.x0)
     assert len(ext) >= 3
-    assert all(a.x1 <= b.x0 for a, b in zip(ext, ext[1:]))
+    assert all(a.x1 <= b.x0 for a, b in itertools.pairwise(ext))
     assert min(t.get_window_extent(renderer).x0 for t in ax.get_yticklabels()) >= box.x0

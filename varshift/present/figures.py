@@ -411,7 +411,7 @@ def _symlog_ticks(lim: float) -> list[float]:
     if lim <= 12.0:
         steps = [0.5, 1.0] + [v for v in (2.0, 5.0, 10.0) if v <= lim]
     else:
-        top = int(math.floor(math.log10(lim)))
+        top = math.floor(math.log10(lim))
         stride = max(1, math.ceil(top / 3))
         steps = [1.0] + [10.0**k for k in range(top, 0, -stride)]
     return sorted({0.0, *steps, *(-v for v in steps)})
