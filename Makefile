@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   ?= simulate --rate 0.2
 
-.PHONY: demo test lint typecheck pytest regression bench reports baseline clean browser
+.PHONY: demo test test-min lint typecheck pytest regression bench reports baseline clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,21 @@ regression: $(VENV)/.test
 
 test: lint typecheck pytest regression
 
+# The declared minimum versions, installed exactly (a constraints file generated from every
+# `name>=X` of pyproject's dependencies and extras) in a separate venv, then the test suite.
+# torch stays at the test group's 2.13.0 (a range reaching past 2.14.1 pulls a CUDA build).
+MIN_VENV := .venv-min
+test-min:
+	rm -rf $(MIN_VENV) && $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(MIN_VENV)/bin/python -c "import re, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  reqs = p['dependencies'] + [r for v in p['optional-dependencies'].values() for r in v]; \
+	  mins = [re.sub(r'\[.*\]', '', r).replace('>=', '==').split(',')[0] for r in reqs if '>=' in r and 'torch' not in r]; \
+	  open('$(MIN_VENV)/min.txt', 'w').write('\n'.join(mins) + '\n')"
+	$(MIN_VENV)/bin/python -m pip install --quiet -c $(MIN_VENV)/min.txt -e ".[plot,keras,safetensors,dask]" --group test
+	$(MIN_VENV)/bin/python -m pip freeze | grep -iE '^(numpy|typer|rich|pandas|tabulate|h5py|safetensors|matplotlib|dask|torch)=='
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
 # The suite under reports/ (CSV, Markdown, JSON).
 reports: $(VENV)/.core
 	$(BIN)/varshift suite --report-dir reports --force
@@ -60,4 +75,4 @@ browser:
 	command -v chromium >/dev/null || { apt-get update && apt-get install -y chromium; }
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MIN_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
