@@ -61,7 +61,7 @@ def test_save_figure_writes_png_and_svg_repeatably(tmp_path: Path) -> None:
     png, svg = paths[0].read_bytes(), paths[1].read_text()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and svg.lstrip().startswith("<?xml")
     assert "<dc:date>" not in svg
-    with pytest.raises(OutputFileError, match="already exists; pass --force"):
+    with pytest.raises(OutputFileError, match="already exists; pass force=True"):
         figures.save_figure(fig, tmp_path / "figs", "width")
     figures.save_figure(_width_figure(), tmp_path / "figs", "width", force=True)
     assert paths[0].read_bytes() == png and paths[1].read_text() == svg

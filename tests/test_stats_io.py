@@ -543,7 +543,7 @@ def test_writer_refuses_to_overwrite_or_to_touch_the_input(tmp_path: Path) -> No
     path = tmp_path / "s.json"
     write_stats(two_layers(), path)
     stats = read_stats(path)
-    with pytest.raises(OutputFileError, match="already exists; pass --force"):
+    with pytest.raises(OutputFileError, match="already exists; pass force=True"):
         write_stats(stats, path)
     with pytest.raises(OutputFileError, match="is the input file"):
         write_stats(stats, path, force=True)
@@ -558,3 +558,27 @@ def test_a_file_without_bn_statistics_has_no_layers(tmp_path: Path) -> None:
     path = tmp_path / "w.npz"
     np.savez(path, w=np.ones(2), mean=np.zeros(2))  # a lone "mean" is not a BN layer
     assert dict(read_stats(path).layers) == {}
+
+
+@pytest.mark.torch
+def test_a_refused_legacy_pickle_prints_one_line(tmp_path: Path) -> None:
+    """torch warns about the pickle protocol of a legacy (non-zip) file before refusing it;
+    on the error path the warning is absorbed: stderr is varshift's one line."""
+    torch = pytest.importorskip("torch")
+    import collections
+
+    path = tmp_path / "legacy.pt"
+    state = {"bn.running_var": torch.ones(2), "extra": collections.Counter(a=1)}
+    torch.save(state, path, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    r = subprocess.run(
+        [sys.executable, "-m", "varshift", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONWARNINGS": "default"},
+    )
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"varshift: error: {path}: refusing to load: the file contains pickled objects other "
+        "than tensors; varshift only loads weights_only checkpoints (save the state dict: "
+        "torch.save(model.state_dict(), path))"
+    ]

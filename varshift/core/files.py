@@ -42,7 +42,7 @@ def refuse_existing(path: Path, *, force: bool, option: str | None = None) -> No
         raise OutputFileError(f"{_label(path, option)}: is a folder; expected a file name")
     if path.exists() and not force:
         raise OutputFileError(
-            f"{_label(path, option)}: already exists; pass --force to overwrite it"
+            f"{_label(path, option)}: already exists; pass force=True to overwrite it"
         )
 
 
@@ -193,7 +193,7 @@ def write_unchanged_or_new(
         for p, d in present:
             if p.read_bytes() != d:
                 raise OutputFileError(
-                    f"{p}: exists with different content; pass --force to overwrite it"
+                    f"{p}: exists with different content; pass force=True to overwrite it"
                 )
     for p, d in blobs:
         atomic_write(p, d, force=True)

@@ -183,7 +183,7 @@ def write_stats(
     out = Path(path)
     name = get_format(fmt).name if fmt is not None else format_from_extension(out) or stats.format
     if out.exists() and not force:
-        raise OutputFileError(f"{out}: already exists; pass --force to overwrite it")
+        raise OutputFileError(f"{out}: already exists; pass force=True to overwrite it")
     if stats.source is not None and out.exists() and out.samefile(stats.source):
         raise OutputFileError(
             f"{out}: is the input file; varshift never modifies its input, choose another output"

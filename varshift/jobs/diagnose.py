@@ -167,7 +167,7 @@ def _check_output(config: RecalibrateConfig) -> None:
                 f"--output {out} is the input file; varshift never modifies its input"
             )
     if out.exists() and not config.force:
-        raise OutputFileError(f"{out}: already exists; pass --force to overwrite it")
+        raise OutputFileError(f"{out}: already exists; pass force=True to overwrite it")
     exported = (
         bool(inputs) and inputs[0].suffix.lower() == ".pt2" and config.model.checkpoint is None
     )
