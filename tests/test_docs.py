@@ -111,3 +111,22 @@ def test_the_readme_check_example_runs_as_written(tmp_path: Path, monkeypatch) -
             assert runner.invoke(app, args).exit_code == 0
         result = runner.invoke(app, argv[1:])
         assert result.exit_code == expected, result.stderr
+
+
+def test_the_api_page_names_what_exists() -> None:
+    """Every ``from X import a, b`` in docs/api.md imports, and every ``module.function`` of its
+    job table resolves."""
+    import re
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    imports = re.findall(r"^from (varshift[\w.]*) import ([\w, ]+)", text, re.M)
+    assert len(imports) >= 4
+    for module, names in imports:
+        mod = importlib.import_module(module)
+        for name in names.split(","):
+            assert hasattr(mod, name.strip()), (module, name)
+    dotted = re.findall(r"`(varshift(?:\.\w+)+)\(", text)
+    assert len(dotted) >= 5
+    for path in dotted:
+        module, _, attr = path.rpartition(".")
+        assert hasattr(importlib.import_module(module), attr), path
