@@ -325,3 +325,24 @@ def test_junit_has_times_and_annotations_name_the_file() -> None:
     [line] = github_annotations(result)  # type: ignore[arg-type]
     # property values escape ',' and ':' (GitHub's workflow-command rules)
     assert line.startswith("::error file=reports/new%2C1.json,title=varshift check::")
+
+
+def test_update_baseline_writes_the_report_with_the_output_rules(tmp_path: Path) -> None:
+    cur = write_report(tmp_path / "cur.json", base_rows())
+    base = tmp_path / "base.json"
+    code, _, err = invoke("check", str(cur), "--baseline", str(base), "--update-baseline")
+    assert code == 0 and base.read_bytes() == cur.read_bytes()
+    # identical: success, nothing to force
+    assert invoke("check", str(cur), "--baseline", str(base), "--update-baseline")[0] == 0
+    rows = base_rows()
+    rows[0]["value"] = 0.5
+    write_report(cur, rows)
+    code, _, err = invoke("check", str(cur), "--baseline", str(base), "--update-baseline")
+    assert code == 2 and "pass --force" in err and base.read_bytes() != cur.read_bytes()
+    args = ("check", str(cur), "--baseline", str(base), "--update-baseline", "--force")
+    assert invoke(*args)[0] == 0 and base.read_bytes() == cur.read_bytes()
+    # only a report can become a baseline
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    code, _, err = invoke("check", str(bad), "--baseline", str(base), "--update-baseline")
+    assert code == 2 and "not a varshift report" in err

@@ -526,3 +526,22 @@ def check_reports(job: CheckJob) -> CheckResult:
         metadata=run_metadata("check", params),
         seconds=time.perf_counter() - start,
     )
+
+
+def update_baseline(current: Path, baseline: Path, *, force: bool = False) -> bool:
+    """Make the report ``current`` the new ``baseline`` (its bytes, written atomically).
+
+    Returns True if ``baseline`` already held exactly these bytes (nothing written).
+
+    Raises
+    ------
+    InputFileError
+        If ``current`` is not a readable varshift JSON report.
+    OutputFileError
+        If ``baseline`` exists with other content and ``force`` is False.
+    """
+    from varshift.core.files import write_unchanged_or_new
+
+    current, baseline = Path(current), Path(baseline)
+    load_report(current)  # refuses anything that is not a report
+    return write_unchanged_or_new([(baseline, current.read_bytes())], force=force)
