@@ -582,3 +582,14 @@ def test_a_refused_legacy_pickle_prints_one_line(tmp_path: Path) -> None:
         "than tensors; varshift only loads weights_only checkpoints (save the state dict: "
         "torch.save(model.state_dict(), path))"
     ]
+
+
+@pytest.mark.torch
+def test_a_written_checkpoint_is_on_the_cpu_as_the_readme_says(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    assert 'map_location="cpu"' in (Path(__file__).parents[1] / "README.md").read_text()
+    src, out = tmp_path / "m.pt", tmp_path / "fixed.pt"
+    torch.save({"bn.running_mean": torch.zeros(2), "bn.running_var": torch.ones(2)}, src)
+    write_stats(read_stats(src), out)
+    back = torch.load(out, weights_only=True)
+    assert {t.device.type for t in back.values()} == {"cpu"}
