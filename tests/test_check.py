@@ -283,7 +283,7 @@ def _regressed_result(reason: str, scenario: str = "classic") -> object:
 
 def _md_table_cells(markdown: str) -> list[list[str]]:
     """The body cells of the first table, as a real GFM parser reads them."""
-    from markdown_it import MarkdownIt
+    MarkdownIt = pytest.importorskip("markdown_it").MarkdownIt  # rich >= 13.2 depends on it
 
     tokens = MarkdownIt("commonmark").enable("table").parse(markdown)
     rows: list[list[str]] = []
@@ -308,8 +308,7 @@ def test_markdown_cells_survive_pipes_and_newlines() -> None:
     scenario, metric, *_, mark, cell = rows[0]
     assert scenario == "a|b" and metric == "shift_ratio" and mark == "**worse**"
     assert cell.startswith("higher is better; |diff| 0.16 > 0.01")
-    from markdown_it import MarkdownIt
-
+    MarkdownIt = pytest.importorskip("markdown_it").MarkdownIt
     html = MarkdownIt("commonmark").enable("table").render(md)
     assert "higher is better; |diff| 0.16 &gt; 0.01<br>second line" in html
 
