@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   ?= simulate --rate 0.2
 
-.PHONY: demo test lint typecheck pytest regression fuzz bench reports baseline clean browser
+.PHONY: demo test test-min lint typecheck pytest regression fuzz bench reports baseline clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,24 @@ test: lint typecheck pytest regression
 fuzz: $(VENV)/.test
 	VARSHIFT_HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_hostile.py tests/test_crash.py
 
+# The declared minimum versions, installed exactly (a constraints file generated from every
+# `name>=X` of pyproject's dependencies and extras) in a separate venv, then the test suite.
+# torch stays at the test group's 2.13.0 (a range reaching past 2.14.1 pulls a CUDA build).
+MIN_VENV := .venv-min
+test-min:
+	rm -rf $(MIN_VENV) && $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(MIN_VENV)/bin/python -c "import re, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  reqs = p['dependencies'] + [r for v in p['optional-dependencies'].values() for r in v]; \
+	  mins = [re.sub(r'\[.*\]', '', r).replace('>=', '==').split(',')[0] for r in reqs if '>=' in r and 'torch' not in r]; \
+	  open('$(MIN_VENV)/min.txt', 'w').write('\n'.join(mins) + '\n')"
+	$(MIN_VENV)/bin/python -m pip install --quiet -c $(MIN_VENV)/min.txt -e ".[plot,keras,safetensors,dask]" --group test
+	$(MIN_VENV)/bin/python -m pip freeze | grep -iE '^(numpy|typer|rich|pandas|tabulate|h5py|safetensors|matplotlib|dask|torch)=='
+	# typer 0.16.0 imports click.utils.get_*_stream, which click >= 8.2 deprecates: a
+	# warning the suite's filterwarnings=error would turn into collection errors.
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		-W "ignore:'click.utils.get_:DeprecationWarning"
+
 # The suite under reports/ (CSV, Markdown, JSON).
 reports: $(VENV)/.core
 	$(BIN)/varshift suite --report-dir reports --force
@@ -65,4 +83,4 @@ browser:
 	command -v chromium >/dev/null || { apt-get update && apt-get install -y chromium; }
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MIN_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

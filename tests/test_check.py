@@ -115,7 +115,8 @@ def test_regressions_are_named_in_every_output_format(tmp_path: Path) -> None:
         summary.read_text().startswith("# earlier step\n")
         and "correction_error" in summary.read_text()
     )
-    assert "::error title=varshift check::classic/correction_error worse" in out
+    assert "::error file=" in out
+    assert ",title=varshift check::classic/correction_error worse" in out
 
 
 def test_fail_if_rules(tmp_path: Path) -> None:
@@ -221,3 +222,126 @@ def test_checkpoints_are_compared_layer_by_layer(tmp_path: Path) -> None:
     (base.with_suffix(".npz")).write_bytes(b"")
     code, _, err = invoke("check", str(tmp_path / "base.npz"), "--baseline", str(base))
     assert code == 2 and "base.npz" in err
+
+
+def _rule_rows(*names: str) -> list[dict[str, object]]:
+    return [
+        {"scenario": s, "metric": n, "value": 0.5, "sd": 0.0}
+        for s in ("classic", "keras")
+        for n in names
+    ]
+
+
+def test_fail_if_short_names_resolve_to_one_metric(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", _rule_rows("theory.shift_ratio", "theory.train_var"))
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "shift_ratio < 0.9")
+    assert code == 1
+    assert "classic/theory.shift_ratio" in err and "keras/theory.shift_ratio" in err
+    assert "train_var" not in err.split("regressed:")[1]
+
+
+def test_fail_if_ambiguous_short_name_lists_the_candidates(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", _rule_rows("shift_ratio_theory", "shift_ratio_measured"))
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "shift_ratio < 0.9")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "ambiguous" in err and "shift_ratio_measured, shift_ratio_theory" in err
+    # written in full, the same rule works
+    code, _, _ = invoke(
+        "check", str(b), "--baseline", str(b), "--fail-if", "shift_ratio_theory < 0.9"
+    )
+    assert code == 1
+
+
+def test_fail_if_unknown_name_lists_near_misses(tmp_path: Path) -> None:
+    b = write_report(tmp_path / "b.json", _rule_rows("theory.shift_ratio", "theory.train_var"))
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "shift_ratoi < 0.9")
+    assert code == 2 and "matches no metric" in err and "did you mean shift_ratio" in err
+    # a short name is a whole word: 'ratio' is not a short name of 'theory.shift_ratio'
+    code, _, err = invoke("check", str(b), "--baseline", str(b), "--fail-if", "ratio < 0.9")
+    assert code == 2 and "matches no metric" in err
+
+
+def test_a_sweep_report_is_checked_point_by_point(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.json"
+    assert invoke("sweep", "--rate", "0.1,0.2,0.5", "-f", "json", "-o", str(sweep))[0] == 0
+    code, _, err = invoke("check", str(sweep), "--baseline", str(sweep))
+    assert code == 0 and "varshift check: ok" in err
+    # Δ = 1 - rate: only the rate 0.5 point (index 2) is below 0.6
+    code, _, err = invoke(
+        "check", str(sweep), "--baseline", str(sweep), "--fail-if", "shift_ratio < 0.6"
+    )
+    assert code == 1 and "1 regressed: " in err and "point2/shift_ratio" in err
+
+
+def _regressed_result(reason: str, scenario: str = "classic") -> object:
+    from varshift.jobs.check import CheckResult, Comparison
+
+    c = Comparison(scenario, "shift_ratio", 0.36, 0.2, 0.2 / 0.36, -0.16, 0.01, -16.0, "worse",
+                   True, reason)  # fmt: skip
+    return CheckResult((c,), (), {"parameters": {"current": "reports/new,1.json"}}, seconds=0.5)
+
+
+def _md_table_cells(markdown: str) -> list[list[str]]:
+    """The body cells of the first table, as a real GFM parser reads them."""
+    MarkdownIt = pytest.importorskip("markdown_it").MarkdownIt  # rich >= 13.2 depends on it
+
+    tokens = MarkdownIt("commonmark").enable("table").parse(markdown)
+    rows: list[list[str]] = []
+    in_body = False
+    for t in tokens:
+        if t.type == "tbody_open":
+            in_body = True
+        elif t.type == "tr_open" and in_body:
+            rows.append([])
+        elif t.type == "inline" and in_body and rows:
+            rows[-1].append(t.content)
+    return rows
+
+
+def test_markdown_cells_survive_pipes_and_newlines() -> None:
+    from varshift.present.check import markdown_summary
+
+    reason = "higher is better; |diff| 0.16 > 0.01\nsecond line"
+    md = markdown_summary(_regressed_result(reason, "a|b"))  # type: ignore[arg-type]
+    rows = _md_table_cells(md)
+    assert len(rows) == 1 and len(rows[0]) == 8
+    scenario, metric, *_, mark, cell = rows[0]
+    assert scenario == "a|b" and metric == "shift_ratio" and mark == "**worse**"
+    assert cell.startswith("higher is better; |diff| 0.16 > 0.01")
+    MarkdownIt = pytest.importorskip("markdown_it").MarkdownIt
+    html = MarkdownIt("commonmark").enable("table").render(md)
+    assert "higher is better; |diff| 0.16 &gt; 0.01<br>second line" in html
+
+
+def test_junit_has_times_and_annotations_name_the_file() -> None:
+    from varshift.present.check import github_annotations, junit_xml
+
+    result = _regressed_result("higher is better")
+    root = ET.fromstring(junit_xml(result))  # type: ignore[arg-type]
+    assert float(root.attrib["time"]) == 0.5
+    assert float(root.find("testsuite").attrib["time"]) == 0.5  # type: ignore[union-attr]
+    assert all(float(tc.attrib["time"]) >= 0 for tc in root.iter("testcase"))
+    [line] = github_annotations(result)  # type: ignore[arg-type]
+    # property values escape ',' and ':' (GitHub's workflow-command rules)
+    assert line.startswith("::error file=reports/new%2C1.json,title=varshift check::")
+
+
+def test_update_baseline_writes_the_report_with_the_output_rules(tmp_path: Path) -> None:
+    cur = write_report(tmp_path / "cur.json", base_rows())
+    base = tmp_path / "base.json"
+    code, _, err = invoke("check", str(cur), "--baseline", str(base), "--update-baseline")
+    assert code == 0 and base.read_bytes() == cur.read_bytes()
+    # identical: success, nothing to force
+    assert invoke("check", str(cur), "--baseline", str(base), "--update-baseline")[0] == 0
+    rows = base_rows()
+    rows[0]["value"] = 0.5
+    write_report(cur, rows)
+    code, _, err = invoke("check", str(cur), "--baseline", str(base), "--update-baseline")
+    assert code == 2 and "pass --force" in err and base.read_bytes() != cur.read_bytes()
+    args = ("check", str(cur), "--baseline", str(base), "--update-baseline", "--force")
+    assert invoke(*args)[0] == 0 and base.read_bytes() == cur.read_bytes()
+    # only a report can become a baseline
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    code, _, err = invoke("check", str(bad), "--baseline", str(base), "--update-baseline")
+    assert code == 2 and "not a varshift report" in err

@@ -230,3 +230,15 @@ def test_printed_numbers_agree_with_monte_carlo(args: list[str], kind: str) -> N
     se = math.sqrt((np.mean(yc**4) - np.mean(yc**2) ** 2) / y.size)
     assert abs(y.var() - row["train_var"]) < 4.5 * se
     assert row["shift_ratio"] == pytest.approx(row["test_var"] / row["train_var"])
+
+
+def test_library_errors_name_the_keyword_and_the_cli_the_flag(tmp_path: Path) -> None:
+    from varshift.core.errors import OutputFileError
+    from varshift.core.files import refuse_existing
+
+    out = tmp_path / "t.csv"
+    out.write_text("x\n")
+    with pytest.raises(OutputFileError, match=r"already exists; pass force=True to overwrite it$"):
+        refuse_existing(out, force=False)
+    code, _, err = run("theory", "--rate", "0.2", "-o", str(out))
+    assert code == 2 and err.strip().endswith("already exists; pass --force to overwrite it")

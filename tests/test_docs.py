@@ -92,3 +92,41 @@ def test_the_public_modules_have_doctests() -> None:
     ):
         mod = importlib.import_module(module)
         assert any(t.examples for t in doctest.DocTestFinder().find(mod)), module
+
+
+def test_the_readme_check_example_runs_as_written(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The README's --fail-if example, run as written on two reports the tool wrote."""
+    import shlex
+
+    line = next(
+        ln for ln in (ROOT / "README.md").read_text().splitlines() if "--fail-if 'shift_ratio" in ln
+    )
+    argv = shlex.split(line.split("#")[0])
+    assert argv[:2] == ["varshift", "check"]
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for rate, expected in (("0.05", 0), ("0.2", 1)):  # Δ = 1 - rate against 'shift_ratio < 0.9'
+        for name in ("new.json", "old.json"):
+            args = ["theory", "--rate", rate, "-f", "json", "-o", name, "--force"]
+            assert runner.invoke(app, args).exit_code == 0
+        result = runner.invoke(app, argv[1:])
+        assert result.exit_code == expected, result.stderr
+
+
+def test_the_api_page_names_what_exists() -> None:
+    """Every ``from X import a, b`` in docs/api.md imports, and every ``module.function`` of its
+    job table resolves."""
+    import re
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    imports = re.findall(r"^from (varshift[\w.]*) import ([\w, ]+)", text, re.M)
+    assert len(imports) >= 4
+    for module, names in imports:
+        mod = importlib.import_module(module)
+        for name in names.split(","):
+            assert hasattr(mod, name.strip()), (module, name)
+    dotted = re.findall(r"`(varshift(?:\.\w+)+)\(", text)
+    assert len(dotted) >= 5
+    for path in dotted:
+        module, _, attr = path.rpartition(".")
+        assert hasattr(importlib.import_module(module), attr), path

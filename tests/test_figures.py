@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_save_figure_writes_png_and_svg_repeatably(tmp_path: Path) -> None:
     png, svg = paths[0].read_bytes(), paths[1].read_text()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and svg.lstrip().startswith("<?xml")
     assert "<dc:date>" not in svg
-    with pytest.raises(OutputFileError, match="already exists; pass --force"):
+    with pytest.raises(OutputFileError, match="already exists; pass force=True"):
         figures.save_figure(fig, tmp_path / "figs", "width")
     figures.save_figure(_width_figure(), tmp_path / "figs", "width", force=True)
     assert paths[0].read_bytes() == png and paths[1].read_text() == svg
@@ -85,3 +86,29 @@ def test_check_output_folder(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(OutputFileError, match=r"--html .*: cannot create this folder"):
         figures.check_output_folder(tmp_path / "f" / "b", "--html")
+
+
+@pytest.mark.parametrize("big", [0.3, 3.0, 40.0, 900.0, 1e6])
+def test_comparison_chart_keeps_its_title_and_tick_labels_apart(big: float) -> None:
+    """Measured with the renderer: the title lies inside the figure, x tick labels never
+    overlap, y labels are not cut at the left edge."""
+    from varshift.present.figures import comparison_chart
+
+    title = "REGRESSION: 232 metrics (1 changed, 3 worse, 228 unchanged); 1 fail-if rule hits"
+    labels = ["classic/theory.shift_ratio", "wide/rho0.5/width256/sim.correction_error"]
+    fig = comparison_chart(labels, [big, -0.3], [1.0, 1.0], ["worse", "unchanged"], title=title)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    box = fig.bbox
+    titles = [t for t in fig.texts if t.get_text()] + [fig.axes[0].title]
+    for text in titles:
+        if text.get_text():
+            ext = text.get_window_extent(renderer)
+            assert box.x0 <= ext.x0 and ext.x1 <= box.x1 and ext.y1 <= box.y1, text.get_text()
+    assert any(title == " ".join(t.get_text().split()) for t in titles)
+    ax = fig.axes[0]
+    shown = [t for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
+    ext = sorted((t.get_window_extent(renderer) for t in shown), key=lambda b: b.x0)
+    assert len(ext) >= 3
+    assert all(a.x1 <= b.x0 for a, b in itertools.pairwise(ext))
+    assert min(t.get_window_extent(renderer).x0 for t in ax.get_yticklabels()) >= box.x0

@@ -67,7 +67,7 @@ def test_long_tables_are_cut_with_a_note() -> None:
 def test_write_html_is_atomic_and_refuses_to_overwrite(tmp_path: Path) -> None:
     target = tmp_path / "r.html"
     write_html(target, "t", [Section("s")])
-    with pytest.raises(OutputFileError, match="already exists; pass --force"):
+    with pytest.raises(OutputFileError, match="already exists; pass force=True"):
         write_html(target, "t", [Section("s")])
     write_html(target, "u", [Section("s")], force=True)
     assert "<title>u</title>" in target.read_text()

@@ -104,7 +104,7 @@ def test_the_plan_names_the_input_behind_a_link(tmp_path: Path, stats: Path) -> 
         with pytest.raises(OutputFileError, match=f"{link}: is the input file {stats};"):
             plan.add(link)
     assert plan.add(tmp_path / "new.csv") == tmp_path / "new.csv"
-    with pytest.raises(OutputFileError, match="already exists; pass --force to overwrite it"):
+    with pytest.raises(OutputFileError, match="already exists; pass force=True to overwrite it"):
         OutputPlan([]).add(stats)
 
 

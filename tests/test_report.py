@@ -20,7 +20,7 @@ def test_atomic_write_gives_the_usual_mode_and_leaves_nothing_behind(tmp_path: P
     assert target.read_text() == "x"
     assert target.stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
-    with pytest.raises(OutputFileError, match="already exists; pass --force"):
+    with pytest.raises(OutputFileError, match="already exists; pass force=True"):
         atomic_write(target, "y")
     assert target.read_text() == "x"
 

@@ -570,3 +570,13 @@ def test_memory_does_not_grow_with_epochs() -> None:
         )
         sizes[epochs] = biggest
     assert sizes[200] == sizes[2] <= 8 * 4000
+
+
+def test_simconfig_refuses_a_preset_name_with_a_validation_error() -> None:
+    from varshift.core.errors import ValidationError
+    from varshift.core.presets import PRESETS
+    from varshift.engine import SimConfig
+
+    with pytest.raises(ValidationError, match=r"preset must be a Preset .*PRESETS\['keras'\]"):
+        SimConfig(preset="keras")  # type: ignore[arg-type]
+    assert SimConfig(preset=PRESETS["keras"]).preset.name == "keras"

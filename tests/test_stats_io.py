@@ -552,7 +552,7 @@ def test_writer_refuses_to_overwrite_or_to_touch_the_input(tmp_path: Path) -> No
         write_stats(stats, link, force=True)
     other = tmp_path / "o.json"
     other.write_text("{}")
-    with pytest.raises(OutputFileError, match=r"o\.json: already exists; pass --force"):
+    with pytest.raises(OutputFileError, match=r"o\.json: already exists; pass force=True"):
         write_stats(stats, other)
     with pytest.raises(OutputFileError, match="is a folder"):
         write_stats(stats, tmp_path, force=True)
@@ -565,3 +565,37 @@ def test_a_file_without_bn_statistics_has_no_layers(tmp_path: Path) -> None:
     path = tmp_path / "w.npz"
     np.savez(path, w=np.ones(2), mean=np.zeros(2))  # a lone "mean" is not a BN layer
     assert dict(read_stats(path).layers) == {}
+
+
+@pytest.mark.torch
+def test_a_refused_legacy_pickle_prints_one_line(tmp_path: Path) -> None:
+    """torch warns about the pickle protocol of a legacy (non-zip) file before refusing it;
+    on the error path the warning is absorbed: stderr is varshift's one line."""
+    torch = pytest.importorskip("torch")
+    import collections
+
+    path = tmp_path / "legacy.pt"
+    state = {"bn.running_var": torch.ones(2), "extra": collections.Counter(a=1)}
+    torch.save(state, path, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    r = subprocess.run(
+        [sys.executable, "-m", "varshift", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"varshift: error: {path}: refusing to load: the file contains pickled objects other "
+        "than tensors; varshift only loads weights_only checkpoints (save the state dict: "
+        "torch.save(model.state_dict(), path))"
+    ]
+
+
+@pytest.mark.torch
+def test_a_written_checkpoint_is_on_the_cpu_as_the_readme_says(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    assert 'map_location="cpu"' in (Path(__file__).parents[1] / "README.md").read_text()
+    src, out = tmp_path / "m.pt", tmp_path / "fixed.pt"
+    torch.save({"bn.running_mean": torch.zeros(2), "bn.running_var": torch.ones(2)}, src)
+    write_stats(read_stats(src), out)
+    back = torch.load(out, weights_only=True)
+    assert {t.device.type for t in back.values()} == {"cpu"}

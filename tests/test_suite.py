@@ -161,7 +161,7 @@ def _assert_caught(baseline: Path, current: Path, tmp_path: Path, expected: str)
     assert code == 1
     assert expected in err  # the one-line verdict
     assert expected.split("/")[1] in out  # the table
-    assert f"::error title=varshift check::{expected}" in out  # GitHub annotation
+    assert f"::error file={current},title=varshift check::{expected}" in out  # GitHub annotation
     scenario, metric = expected.split("/")
     assert any(f"| {scenario} | {metric} |" in line for line in md.read_text().splitlines())
     messages = [f.attrib["message"] for f in ET.parse(junit).getroot().iter("failure")]

@@ -182,7 +182,9 @@ class LazyGroup(TyperGroup):
             _usage_error(exc)
         except VarshiftError as exc:
             label = "check failed" if isinstance(exc, RegressionFound) else "error"
-            typer.echo(f"varshift: {label}: {exc}", err=True)
+            # Library messages name the keyword (force=True); on the command line it is --force.
+            text = str(exc).replace("force=True", "--force")
+            typer.echo(f"varshift: {label}: {text}", err=True)
             raise typer.Exit(exc.exit_code) from None
 
 

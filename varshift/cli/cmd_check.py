@@ -75,6 +75,13 @@ def check(
         bool, typer.Option(help="Overwrite --junit/--markdown/--plot/--html files.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the verdict.")] = False,
+    update_baseline: Annotated[
+        bool,
+        typer.Option(
+            "--update-baseline",
+            help="Write CURRENT as the new --baseline instead of comparing (--force to replace).",
+        ),
+    ] = False,
 ) -> None:
     """Compare CURRENT with a baseline metric by metric (reports) or layer by layer (checkpoints).
 
@@ -90,6 +97,8 @@ def check(
     with the verdict, the regressions, the chart and the full comparison table. Both are
     written before the exit code is decided, so a failing CI job still has them.
     """
+    if update_baseline:
+        return _update_baseline(current, baseline, force=force, quiet=quiet)
     visuals = Visuals(plot, html)
     plan = OutputPlan([current, baseline], force=force)
     plan_visuals(plan, visuals, [show.FIGURE_STEM])
@@ -115,3 +124,10 @@ def check(
     show.annotate(result)
     if result.regressed:
         raise RegressionFound(show.regression_message(result))
+
+
+def _update_baseline(current: Path, baseline: Path, *, force: bool, quiet: bool) -> None:
+    from varshift.jobs.check import update_baseline
+
+    same = update_baseline(current, baseline, force=force)
+    message(f"varshift: {baseline} {'unchanged' if same else f'updated from {current}'}", quiet)

@@ -2,6 +2,8 @@
 
 Library code raises these; :mod:`varshift.cli` maps them to exit codes in exactly one place
 (``ValidationError``/``InputFileError``/``OutputFileError`` → 2, ``RegressionFound`` → 1).
+Messages speak the library's language (``pass force=True``); the CLI rewrites ``force=True`` as
+``--force`` when it prints them.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def refuse_existing(path: Path, *, force: bool, option: str | None = None) -> No
         raise OutputFileError(f"{_label(path, option)}: is a folder; expected a file name")
     if path.exists() and not force:
         raise OutputFileError(
-            f"{_label(path, option)}: already exists; pass --force to overwrite it"
+            f"{_label(path, option)}: already exists; pass force=True to overwrite it"
         )
 
 
@@ -219,13 +219,13 @@ def _commit(tmp: Path, path: Path) -> None:
             os.link(tmp, path)
         except FileExistsError:
             raise OutputFileError(
-                f"{path}: was created by another process while varshift wrote it; pass --force "
+                f"{path}: was created by another process while varshift wrote it; pass force=True "
                 "to overwrite it"
             ) from None
         except OSError:  # a file system without hard links: check, then rename
             if path.exists():
                 raise OutputFileError(
-                    f"{path}: already exists; pass --force to overwrite it"
+                    f"{path}: already exists; pass force=True to overwrite it"
                 ) from None
             os.replace(tmp, path)
         else:
@@ -317,7 +317,7 @@ def write_unchanged_or_new(
         for p, d in present:
             if p.read_bytes() != d:
                 raise OutputFileError(
-                    f"{p}: exists with different content; pass --force to overwrite it"
+                    f"{p}: exists with different content; pass force=True to overwrite it"
                 )
     for p, d in blobs:
         atomic_write(p, d, force=True)

@@ -123,6 +123,18 @@ class SimConfig:
     probe: float = 1.0
     chunk_elements: int = 1 << 18  # cache-sized chunks: faster than 1 << 20 (bench/)
 
+    def __post_init__(self) -> None:
+        """Refuse a preset given by name: a :class:`Preset` is needed (``PRESETS[name]``)."""
+        got: object = self.preset
+        if not isinstance(got, Preset):
+            hint = (
+                f"PRESETS[{got!r}]" if isinstance(got, str) and got in PRESETS else "PRESETS[name]"
+            )
+            raise ValidationError(
+                f"preset must be a Preset (from varshift.core.presets, e.g. {hint}; names: "
+                f"{', '.join(PRESETS)}); got {got!r}"
+            )
+
 
 class Plan(NamedTuple):
     """A validated, fully resolved :class:`SimConfig` (built by :func:`make_plan`)."""

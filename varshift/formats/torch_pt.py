@@ -51,11 +51,24 @@ def sniff(head: bytes, path: Path) -> bool:
     return names is not None and any(n == "data.pkl" or n.endswith("/data.pkl") for n in names)
 
 
+def _load_quietly(torch: Any, path: Path) -> Any:
+    """``torch.load(weights_only=True)`` to the CPU; torch's warnings are dropped when the load
+    fails (varshift's one-line error says what matters) and re-issued when it succeeds."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return obj
+
+
 def read(path: Path, fmt: str) -> BNStats:
     """The BN layers of a state dict or training checkpoint (``weights_only`` loading)."""
     torch = EXTRA.load("reading .pt files")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_quietly(torch, path)
     except pickle.UnpicklingError:
         raise InputFileError(f"{path}: {_UNSAFE_PICKLE}") from None
     except Exception as exc:  # torch reports a damaged archive in many ways

@@ -134,11 +134,12 @@ class Comparison:
 @dataclass(frozen=True)
 class CheckResult:
     """All comparisons plus the explicit rules that failed (and, from :func:`check_reports`,
-    the run metadata)."""
+    the run metadata and the seconds the check took)."""
 
     comparisons: tuple[Comparison, ...]
     rule_failures: tuple[Comparison, ...]
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    seconds: float = field(default=0.0, compare=False)
 
     @property
     def regressions(self) -> tuple[Comparison, ...]:
@@ -203,11 +204,8 @@ def compare(
         rows.append(_compare_one(base, current[key], z, rtol, atol))
     failures = []
     for rule in rules:
-        hits = [m for m in current.values() if rule.matches(m)]
-        if not hits:
-            raise ValidationError(f"fail-if rule '{rule}' matches no metric in {current_name}")
-        for m in hits:
-            if rule.violated_by(m):
+        for m in rule_hits(rule, list(current.values()), current_name):
+            if _OPS[rule.op](m.value, rule.threshold):
                 base = baseline[m.key]
                 failures.append(
                     Comparison(
@@ -225,6 +223,59 @@ def compare(
                     )
                 )
     return CheckResult(tuple(rows), tuple(failures))
+
+
+def short_name_matches(pattern: str, name: str) -> bool:
+    """True if ``pattern`` is a short name of the metric ``name``.
+
+    A short name drops the scope before a dot and the qualifier after an underscore:
+    ``shift_ratio`` names ``theory.shift_ratio`` (suite reports) and ``shift_ratio_theory``
+    or ``shift_ratio_measured`` (simulate reports), but not ``inverse_shift_ratio``.
+
+    Examples
+    --------
+    >>> short_name_matches("shift_ratio", "theory.shift_ratio")
+    True
+    >>> short_name_matches("shift_ratio", "shift_ratio_theory")
+    True
+    >>> short_name_matches("ratio", "theory.shift_ratio")
+    False
+    """
+    last = name.rsplit(".", 1)[-1]
+    return name.endswith("." + pattern) or last.startswith(pattern + "_")
+
+
+def rule_hits(rule: Rule, metrics: Sequence[Metric], source: str) -> list[Metric]:
+    """The metrics a ``--fail-if`` rule names in ``metrics``.
+
+    The pattern is first matched as written (a glob on ``name`` or ``scenario/name``); if
+    nothing matches, as a short name (:func:`short_name_matches`), which must then name a
+    single metric.
+
+    Raises
+    ------
+    ValidationError
+        If the short name names several metrics (the error lists them) or nothing matches (the
+        error lists the closest names).
+    """
+    hits = [m for m in metrics if rule.matches(m)]
+    if hits:
+        return hits
+    names = sorted({m.name for m in metrics})
+    candidates = [n for n in names if short_name_matches(rule.pattern, n)]
+    if len(candidates) == 1:
+        return [m for m in metrics if m.name == candidates[0]]
+    if candidates:
+        raise ValidationError(
+            f"fail-if rule '{rule}' is ambiguous in {source}: "
+            f"{rule.pattern!r} names {', '.join(candidates)}; write one of them"
+        )
+    import difflib
+
+    shorts = {n.rsplit(".", 1)[-1]: n for n in names}
+    close = difflib.get_close_matches(rule.pattern, [*names, *shorts], n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
+    raise ValidationError(f"fail-if rule '{rule}' matches no metric in {source}{hint}")
 
 
 def _ratio(current: float, base: float) -> float:
@@ -300,13 +351,13 @@ def metrics_from_rows(
             )
             _add(out, metric, source)
             continue
-        text = [str(v) for k, v in row.items() if isinstance(v, str)]
-        scenario = "/".join(text) if text else f"row{i}"
+        scenario = _wide_scenario(row, i)
         for name, value in row.items():
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or name.endswith("_sd")
+                or name == "index"
             ):
                 continue
             sd = row.get(f"{name}_sd", 0.0) or 0.0
@@ -322,6 +373,16 @@ def metrics_from_rows(
                 source,
             )
     return out
+
+
+def _wide_scenario(row: Mapping[str, Any], i: int) -> str:
+    """The key of a wide row: its text columns, and its grid point when it has an ``index``
+    (a sweep's rows share their text columns and differ in numbers)."""
+    parts = [str(v) for v in row.values() if isinstance(v, str)]
+    index = row.get("index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        parts.append(f"point{index}")
+    return "/".join(parts) if parts else f"row{i}"
 
 
 def _add(out: dict[tuple[str, str], Metric], metric: Metric, source: str) -> None:
@@ -455,6 +516,9 @@ def check_reports(job: CheckJob) -> CheckResult:
     InputFileError, ValidationError
         An unreadable file, mismatched reports, or an invalid rule or tolerance.
     """
+    import time
+
+    start = time.perf_counter()
     rules = [parse_rule(r) for r in job.fail_if]
     _, base_metrics = load_metrics(job.baseline)
     _, cur_metrics = load_metrics(job.current)
@@ -476,4 +540,27 @@ def check_reports(job: CheckJob) -> CheckResult:
         "atol": job.atol,
         "fail_if": [str(r) for r in rules],
     }
-    return replace(result, metadata=run_metadata("check", params))
+    return replace(
+        result,
+        metadata=run_metadata("check", params),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def update_baseline(current: Path, baseline: Path, *, force: bool = False) -> bool:
+    """Make the report ``current`` the new ``baseline`` (its bytes, written atomically).
+
+    Returns True if ``baseline`` already held exactly these bytes (nothing written).
+
+    Raises
+    ------
+    InputFileError
+        If ``current`` is not a readable varshift JSON report.
+    OutputFileError
+        If ``baseline`` exists with other content and ``force`` is False.
+    """
+    from varshift.core.files import write_unchanged_or_new
+
+    current, baseline = Path(current), Path(baseline)
+    load_report(current)  # refuses anything that is not a report
+    return write_unchanged_or_new([(baseline, current.read_bytes())], force=force)

@@ -150,7 +150,7 @@ def validated(config: SweepConfig) -> SweepConfig:
     if n > config.max_points and not config.force:
         raise ValidationError(
             f"the grid has {n} points, more than the limit of {config.max_points}; "
-            "pass --force to run it anyway, or narrow an axis"
+            "pass force=True to run it anyway, or narrow an axis"
         )
     return replace(
         config,

@@ -44,15 +44,23 @@ def junit_xml(result: CheckResult, suite: str = "varshift check") -> str:
 
     cases = list(result.comparisons) + list(result.rule_failures)
     failures = sum(1 for c in cases if c.regressed)
+    # The whole check (reading both files and comparing) is timed; one comparison takes no
+    # measurable time, so each case gets the check's time divided evenly.
+    total = f"{result.seconds:.3f}"
+    each = f"{result.seconds / max(len(cases), 1):.6f}"
     lines = [
         '<?xml version="1.0" encoding="UTF-8"?>',
-        f'<testsuites name={quoteattr(suite)} tests="{len(cases)}" failures="{failures}">',
+        f'<testsuites name={quoteattr(suite)} tests="{len(cases)}" failures="{failures}" '
+        f'time="{total}">',
         f'  <testsuite name={quoteattr(suite)} tests="{len(cases)}" failures="{failures}" '
-        'errors="0" skipped="0">',
+        f'errors="0" skipped="0" time="{total}">',
     ]
     for c in cases:
         name = c.metric if c.mark != "rule" else f"{c.metric} [{c.reason}]"
-        head = f"    <testcase classname={quoteattr(c.scenario or 'report')} name={quoteattr(name)}"
+        head = (
+            f"    <testcase classname={quoteattr(c.scenario or 'report')} name={quoteattr(name)} "
+            f'time="{each}"'
+        )
         if c.regressed:
             msg = _describe(c)
             lines.append(head + ">")
@@ -76,20 +84,44 @@ def markdown_summary(result: CheckResult, *, show_all: bool = False) -> str:
     ]
     for c in rows:
         lines.append(
-            f"| {c.scenario} | {c.metric} | {c.baseline:.6g} | {c.current:.6g} | "
-            f"{c.ratio:.4g} | {'' if math.isnan(c.z) else f'{c.z:.2f}'} | "
-            f"{'**' + c.mark + '**' if c.regressed else c.mark} | {c.reason} |"
+            f"| {md_cell(c.scenario)} | {md_cell(c.metric)} | {c.baseline:.6g} | "
+            f"{c.current:.6g} | {c.ratio:.4g} | {'' if math.isnan(c.z) else f'{c.z:.2f}'} | "
+            f"{'**' + c.mark + '**' if c.regressed else c.mark} | {md_cell(c.reason)} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
+def md_cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: backslashes and pipes escaped, line breaks as
+    ``<br>``.
+
+    Examples
+    --------
+    >>> print(md_cell("|diff| > 0.1"))
+    \\|diff\\| > 0.1
+    """
+    out = text.replace("\\", "\\\\").replace("|", "\\|")
+    return out.replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+
+
 def github_annotations(result: CheckResult) -> list[str]:
-    """``::error`` workflow-command lines, one per regression."""
+    """``::error`` workflow-command lines, one per regression, naming the current report as
+    ``file=`` (GitHub shows the annotation on that file when it is in the repository)."""
+    source = str(result.metadata.get("parameters", {}).get("current", ""))
+    where = f"file={_gh_property(source)}," if source else ""
     out = []
     for c in result.regressions:
-        msg = _describe(c).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-        out.append(f"::error title=varshift check::{msg}")
+        msg = _gh_escape(_describe(c))
+        out.append(f"::error {where}title=varshift check::{msg}")
     return out
+
+
+def _gh_escape(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _gh_property(text: str) -> str:
+    return _gh_escape(text).replace(":", "%3A").replace(",", "%2C")
 
 
 def regression_message(result: CheckResult) -> str:

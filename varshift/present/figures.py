@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -377,8 +378,7 @@ def comparison_chart(
     ax.set_xscale("symlog", linthresh=1.0)
     lim = max(1.5, 1.15 * float(np.max(np.abs(shown)))) if shown.size else 1.5
     ax.set_xlim(-lim, lim)
-    steps = [0.5, 1.0] + [v for v in (2.0, 5.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6) if v <= lim]
-    ticks = sorted({0.0, *steps, *(-v for v in steps)})
+    ticks = _symlog_ticks(lim)
     ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
     ax.set_yticks(y, list(labels), fontsize="small")
     ax.set_ylim(d.size - 0.5, -0.5)
@@ -392,8 +392,29 @@ def comparison_chart(
         fontsize="small",
         loc="lower right",
     )
-    ax.set_title(title or "Each metric's change against the baseline")
+    # A suptitle is laid out by the figure (constrained layout), and wrapping keeps a long
+    # verdict inside the figure's width instead of clipping it at the edges.
+    fig.suptitle(
+        textwrap.fill(title or "Each metric's change against the baseline", _TITLE_CHARS),
+        fontsize="medium",
+    )
     return fig
+
+
+#: Characters per title line of the 7-inch comparison chart (medium font, ~7 pt per character).
+_TITLE_CHARS = 64
+
+
+def _symlog_ticks(lim: float) -> list[float]:
+    """Ticks of the comparison chart's symlog axis up to ``lim``: fine steps near ±1 while the
+    axis is short, then at most three decades a side, so labels never crowd."""
+    if lim <= 12.0:
+        steps = [0.5, 1.0] + [v for v in (2.0, 5.0, 10.0) if v <= lim]
+    else:
+        top = math.floor(math.log10(lim))
+        stride = max(1, math.ceil(top / 3))
+        steps = [1.0] + [10.0**k for k in range(top, 0, -stride)]
+    return sorted({0.0, *steps, *(-v for v in steps)})
 
 
 def figure_bytes(fig: Figure, fmt: str) -> bytes:
