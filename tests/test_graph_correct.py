@@ -228,3 +228,24 @@ def test_dropout_flatten_linear_head(tmp_path: Path, rate: float, seed: int) -> 
     lin = row(result, "7")
     assert (lin.kind, lin.action) == ("through-linear", "corrected")
     assert within_target(ratios(result, true, "7"), 0.98, 1.02)
+
+
+@pytest.mark.parametrize("name", ["linear", "stacked"])
+def test_recalibrate_comparison_row_is_what_correct_model_writes(tmp_path: Path, name: str) -> None:
+    # recalibrate's "correct (data-free)" score row must score the model `correct --model`
+    # writes (each BN by its class), not the direct formula on every layer.
+    from varshift.frameworks.torch.graph import classify
+    from varshift.frameworks.torch.passes import correct_data_free
+
+    result, _, net = run(tmp_path, name, 0.2, 0)
+    fixed, _ = correct_data_free(net, classify(net))
+    state = fixed.state_dict()
+    for layer, stats in result.correction.stats.layers.items():
+        np.testing.assert_allclose(
+            state[f"{layer}.running_var"].double().numpy(), stats.var, rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            state[f"{layer}.running_mean"].double().numpy(), stats.mean, rtol=1e-6, atol=1e-7
+        )
+    kinds = {r.layer: r.action for r in result.rows}
+    assert "corrected" in kinds.values() and len(set(kinds.values())) > 1  # some layers left

@@ -390,30 +390,68 @@ def _estimate(
     return final, first, depth, len(levels)
 
 
-def correct_data_free(model: nn.Module, graph: ModelGraph) -> tuple[nn.Module, tuple[str, ...]]:
-    """A copy with today's data-free direct formula applied to every layer with a dropout
-    upstream (its nearest dropout's rate), as ``varshift correct`` would: exact only for
-    ``direct`` layers. Channels that come out ≤ 0 are set to the layer's eps."""
+def correct_data_free(
+    model: nn.Module, graph: ModelGraph, example: torch.Tensor | None = None
+) -> tuple[nn.Module, tuple[str, ...]]:
+    """A copy corrected as ``varshift correct --model`` would, data-free, by BN class: direct
+    layers get the debiased direct formula, element-wise through-linear layers lose the
+    dropout term with the Gaussian ``E[x²]`` of the feeding BN, every other layer (stacked,
+    channel-wise, none) is left. ``example`` (a batch) gives the convolutions' input sizes.
+    Channels that come out ≤ 0 are set to the layer's eps, with a note."""
+    from varshift.core.structure import dropout_term, gaussian_second_moment
+    from varshift.frameworks.torch.structure import layer_structures
+
     out = _copy(model)
     bns = batchnorm_layers(out)
+    buffers = [m.running_mean for m in bns.values() if m.running_mean is not None]
+    if example is not None and buffers:
+        example = example.to(buffers[0].device)
+    structures = layer_structures(out, graph, example)
     preset = resolve_preset("torch")
     notes = []
     for path in graph.layers:
         m: Any = bns.get(path.layer)
-        if m is None or path.dropout is None or not m.track_running_stats:
+        s = structures.get(path.layer)
+        if m is None or path.dropout is None or s is None or not m.track_running_stats:
             continue
-        dropout = Dropout(path.dropout.kind, path.dropout.rate)
         stored_mean, stored_var = _np(m.running_mean), _np(m.running_var)
         assert stored_mean is not None and stored_var is not None
-        mean, var = corrected_variance(stored_mean, stored_var, dropout, preset)
+        if s.kind == "direct":
+            dropout = Dropout(path.dropout.kind, path.dropout.rate)
+            mean, var = corrected_variance(stored_mean, stored_var, dropout, preset)
+        elif (
+            s.kind == "through-linear"
+            and s.dropout_kind == "bernoulli"
+            and not s.channelwise
+            and s.weight is not None
+            and s.feeder is not None
+            and s.rate is not None
+        ):
+            try:
+                ex2 = gaussian_second_moment(s.activation, *s.feeder.output_moments())
+                term = dropout_term(s.weight, ex2, s.rate, s.conv, s.layout)
+            except (ValueError, ValidationError):
+                continue
+            if term.shape != stored_var.shape:
+                continue
+            mean, var = stored_mean, stored_var - term
+        else:
+            continue
         bad = ~(var > 0)
         if bad.any():
             notes.append(f"correct: {path.layer}: {int(bad.sum())} channel(s) ≤ 0 set to eps")
         var = np.where(bad, m.eps, var)
         with torch.no_grad():
-            m.running_mean.copy_(torch.from_numpy(mean).to(m.running_mean))
-            m.running_var.copy_(torch.from_numpy(var).to(m.running_var))
+            m.running_mean.copy_(torch.from_numpy(np.asarray(mean)).to(m.running_mean))
+            m.running_var.copy_(torch.from_numpy(np.asarray(var)).to(m.running_var))
     return out, tuple(notes)
+
+
+def _first_inputs(data: Any) -> torch.Tensor | None:
+    """The first batch's inputs (two samples), for the convolutions' input sizes."""
+    for x, _ in data:
+        return x[:2] if isinstance(x, torch.Tensor) else None
+    return None
 
 
 def update_bn_like(model: nn.Module, batches: Any) -> nn.Module:
@@ -505,7 +543,7 @@ def recalibrate(
     if _has_labels(data):
         scores.append(_evaluate(model, data, "as saved", progress))
         if compare:
-            fixed, notes = correct_data_free(model, graph)
+            fixed, notes = correct_data_free(model, graph, _first_inputs(data))
             warnings += notes
             scores.append(_evaluate(fixed, data, "correct (data-free)", progress))
         scores.append(_evaluate(out, data, "recalibrated", progress))
