@@ -206,18 +206,24 @@ def _dataset(group: Any, key: str, where: str, name: str) -> Any:
     return ds
 
 
-def write(stats: BNStats, path: Path, fmt: str) -> None:
-    """A copy of the Keras source file with the changed statistics datasets rewritten."""
+def rewrite_copy(stats: BNStats, path: Path, fmt: str, kind: str, purpose: str) -> None:
+    """Write ``path`` as a copy of the HDF5 source of ``stats`` (a ``kind`` file) with the
+    changed statistics datasets rewritten in place; ``purpose`` names the extra's use."""
     if not same_source(stats, fmt) or stats.source is None:
         raise OutputFileError(
-            f"{path}: a Keras .weights.h5 output needs a Keras .weights.h5 input (varshift "
-            "rewrites a copy of it); choose .pt, .npz, .safetensors, .csv or .json"
+            f"{path}: a {kind} output needs a {kind} input (varshift rewrites a copy of it); "
+            "choose .pt, .npz, .safetensors, .csv or .json"
         )
-    h5py = EXTRA.load("writing .weights.h5 files")
+    h5py = EXTRA.load(purpose)
     with replacing(path) as tmp:
         shutil.copyfile(stats.source, tmp)
         with h5py.File(tmp, "r+") as fh:
             rewrite_layers(fh, stats.layers)
+
+
+def write(stats: BNStats, path: Path, fmt: str) -> None:
+    """A copy of the Keras source file with the changed statistics datasets rewritten."""
+    rewrite_copy(stats, path, fmt, "Keras .weights.h5", "writing .weights.h5 files")
 
 
 def rewrite_layers(fh: Any, layers: Mapping[str, BNLayer]) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -27,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from varshift.core.errors import InputFileError, OutputFileError
-from varshift.core.files import replacing
+from varshift.core.errors import InputFileError
 from varshift.formats.base import (
     BNLayer,
     BNStats,
@@ -36,9 +34,8 @@ from varshift.formats.base import (
     Origin,
     first_line,
     make_stats,
-    same_source,
 )
-from varshift.formats.keras_h5 import EXTRA, hdf5_signature, is_legacy, legacy_root, rewrite_layers
+from varshift.formats.keras_h5 import EXTRA, hdf5_signature, is_legacy, legacy_root, rewrite_copy
 
 _ROLES = ("gamma", "beta", "moving_mean", "moving_variance")
 
@@ -235,16 +232,7 @@ def read(path: Path, fmt: str) -> BNStats:
 
 def write(stats: BNStats, path: Path, fmt: str) -> None:
     """A copy of the legacy source file with the changed statistics datasets rewritten."""
-    if not same_source(stats, fmt) or stats.source is None:
-        raise OutputFileError(
-            f"{path}: a legacy Keras .h5 output needs a legacy Keras .h5 input (varshift "
-            "rewrites a copy of it); choose .pt, .npz, .safetensors, .csv or .json"
-        )
-    h5py = EXTRA.load("writing legacy Keras .h5 files")
-    with replacing(path) as tmp:
-        shutil.copyfile(stats.source, tmp)
-        with h5py.File(tmp, "r+") as fh:
-            rewrite_layers(fh, stats.layers)
+    rewrite_copy(stats, path, fmt, "legacy Keras .h5", "writing legacy Keras .h5 files")
 
 
 FORMAT = Format(
