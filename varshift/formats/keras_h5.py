@@ -75,16 +75,27 @@ def _natural_key(text: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def read(path: Path, fmt: str) -> BNStats:
-    """The BatchNormalization layers of a Keras 3 weights file, in natural name order."""
-    h5py = EXTRA.load("reading .weights.h5 files")
+def open_hdf5(path: Path, purpose: str) -> Any:
+    """``path`` opened read-only with h5py (the extra loaded for ``purpose``).
+
+    Raises
+    ------
+    InputFileError
+        Not a readable HDF5 file.
+    """
+    h5py = EXTRA.load(purpose)
     try:
-        fh = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as exc:
         raise InputFileError(
             f"{path}: not a readable HDF5 file (truncated or corrupt?): {first_line(exc)}"
         ) from None
-    with fh:
+
+
+def read(path: Path, fmt: str) -> BNStats:
+    """The BatchNormalization layers of a Keras 3 weights file, in natural name order."""
+    h5py = EXTRA.load("reading .weights.h5 files")
+    with open_hdf5(path, "reading .weights.h5 files") as fh:
         layers = read_layers(fh, str(path), h5py)
     return make_stats(layers, fmt, path, "keras", Origin(None))
 

@@ -32,10 +32,16 @@ from varshift.formats.base import (
     BNStats,
     Format,
     Origin,
-    first_line,
     make_stats,
 )
-from varshift.formats.keras_h5 import EXTRA, hdf5_signature, is_legacy, legacy_root, rewrite_copy
+from varshift.formats.keras_h5 import (
+    EXTRA,
+    hdf5_signature,
+    is_legacy,
+    legacy_root,
+    open_hdf5,
+    rewrite_copy,
+)
 
 _ROLES = ("gamma", "beta", "moving_mean", "moving_variance")
 
@@ -201,14 +207,7 @@ def _layer(group: Any, name: str, where: str, count: tuple[int | None, str | Non
 
 def read(path: Path, fmt: str) -> BNStats:
     """The BatchNormalization layers of a legacy Keras HDF5 file, in ``layer_names`` order."""
-    h5py = EXTRA.load("reading legacy Keras .h5 files")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputFileError(
-            f"{path}: not a readable HDF5 file (truncated or corrupt?): {first_line(exc)}"
-        ) from None
-    with fh:
+    with open_hdf5(path, "reading legacy Keras .h5 files") as fh:
         root = legacy_root(fh)
         if root is None:
             raise InputFileError(

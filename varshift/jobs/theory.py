@@ -8,7 +8,7 @@ from typing import Any
 
 from varshift.core.errors import ValidationError
 from varshift.core.theory import TheoryConfig, TheoryRow, theory_table
-from varshift.core.validate import check_range
+from varshift.core.validate import check_magnitude
 from varshift.jobs._meta import run_metadata
 
 __all__ = ["TheoryConfig", "TheoryResult", "input_variance", "run_theory"]
@@ -38,7 +38,7 @@ def input_variance(
     if std is not None and var is not None:
         raise ValidationError(f"give either {names[0]} or {names[1]}, not both")
     if std is not None:
-        return check_range(names[1].lstrip("-"), std, 0.0, None) ** 2
+        return check_magnitude(names[1].lstrip("-"), std, nonnegative=True) ** 2
     return 1.0 if var is None else var
 
 
