@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,4 +22,6 @@ def run_metadata(command: str, parameters: Mapping[str, Any], **extra: Any) -> d
 
 def file_digest(path: Path) -> str:
     """The SHA-256 of a file's bytes, in hex."""
+    import hashlib  # lazily: loading OpenSSL costs ~13 ms of start-up
+
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

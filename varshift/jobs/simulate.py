@@ -9,7 +9,6 @@ presentation layer's part (:mod:`varshift.present.simulate`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -116,6 +115,8 @@ def report_stem(params: Mapping[str, object], version: str | None = None) -> str
     The hash covers every parameter and the varshift version, so different runs (or releases)
     never share a name, and rerunning the same job reproduces the same (byte-identical) files.
     """
+    import hashlib  # lazily: loading OpenSSL costs ~13 ms of start-up
+
     if version is None:
         from varshift import __version__ as version
     key = json.dumps({"params": dict(params), "varshift": version}, sort_keys=True)

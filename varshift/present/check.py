@@ -8,7 +8,7 @@ from typing import Any
 
 from varshift.jobs.check import CheckResult, Comparison
 from varshift.present.output import Drawn, inline
-from varshift.present.report import to_table
+from varshift.present.report import md_cell, to_table
 
 #: Figure file stem of --plot.
 FIGURE_STEM = "check_comparison"
@@ -89,19 +89,6 @@ def markdown_summary(result: CheckResult, *, show_all: bool = False) -> str:
             f"{'**' + c.mark + '**' if c.regressed else c.mark} | {md_cell(c.reason)} |"
         )
     return head + "\n".join(lines) + "\n"
-
-
-def md_cell(text: str) -> str:
-    """Text safe inside a Markdown table cell: backslashes and pipes escaped, line breaks as
-    ``<br>``.
-
-    Examples
-    --------
-    >>> print(md_cell("|diff| > 0.1"))
-    \\|diff\\| > 0.1
-    """
-    out = text.replace("\\", "\\\\").replace("|", "\\|")
-    return out.replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
 
 
 def github_annotations(result: CheckResult) -> list[str]:

@@ -97,16 +97,53 @@ def _csv_cell(text: str) -> str:
     return text
 
 
-def to_markdown(df: Tabular, title: str | None = None) -> str:
-    """A GitHub-flavoured Markdown table (via tabulate) with the canonical cell format."""
-    from tabulate import tabulate
+def md_cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: backslashes and pipes escaped, line breaks as
+    ``<br>``.
 
+    Examples
+    --------
+    >>> print(md_cell("|diff| > 0.1"))
+    \\|diff\\| > 0.1
+    """
+    out = text.replace("\\", "\\\\").replace("|", "\\|")
+    return out.replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+
+
+def pipe_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown pipe table of text cells, every column left-aligned.
+
+    The layout is tabulate's ``pipe`` format with ``disable_numparse=True`` (what
+    ``DataFrame.to_markdown(index=False)`` wrote before; the tests compare the two): cells are
+    stripped, a column is as wide as its widest cell or its header plus two, widths count code
+    points. Cells are expected to be escaped already (:func:`md_cell`).
+
+    Examples
+    --------
+    >>> print(pipe_table(["a", "value"], [["x", "1.5"]]))
+    | a   | value   |
+    |:----|:--------|
+    | x   | 1.5     |
+    """
+    body = [[cell.strip() for cell in row] for row in rows]
+    widths = [len(h) + 2 for h in headers]
+    for row in body:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join((":" if body else "-") + "-" * (w + 1) for w in widths) + "|"
+    return "\n".join([line(headers), rule, *(line(row) for row in body)])
+
+
+def to_markdown(df: Tabular, title: str | None = None) -> str:
+    """A GitHub-flavoured Markdown table (:func:`pipe_table`) with the canonical cell format."""
     grid = Grid.of(df)
-    cells = [[format_value(v) for v in row] for row in grid]
-    # What DataFrame.to_markdown(index=False) passes to tabulate.
-    body = tabulate(
-        cells, headers=list(grid.columns), tablefmt="pipe", showindex=False, disable_numparse=True
-    )
+    cells = [[md_cell(format_value(v)) for v in row] for row in grid]
+    # A header stacked over two lines for the terminal ("train var\ntheory") reads as one line.
+    headers = [md_cell(" ".join(str(c).split("\n"))) for c in grid.columns]
+    body = pipe_table(headers, cells)
     head = f"## {title}\n\n" if title else ""
     return f"{head}{body}\n"
 
