@@ -13,6 +13,7 @@ target of ``--batch-size 256`` with the default ``--target framework``.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -138,3 +139,54 @@ def test_rate_is_refused_with_architecture(saved: Path) -> None:
     result = runner.invoke(app, ["correct", str(saved), "--rate", "0.2", "--dry-run"])
     assert result.exit_code == 2
     assert "read from the model" in result.stderr
+
+
+# --- rate 0.5: the truth recorded (issue 10's target is missed data-free) ------------------------
+
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def saved_05(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("keras05")
+    return [train_and_save(folder / f"net-{s}.keras", rate=0.5, seed=s) for s in SEEDS]
+
+
+def _corrected_05(path: Path, tmp_path: Path) -> tuple[np.ndarray, Any]:
+    """Corrected moving variance / what bn_linear sees (the CLI result too)."""
+    fixed = tmp_path / f"fixed-{path.stem}.keras"
+    result = runner.invoke(
+        app, ["correct", str(path), "--batch-size", str(BATCH), "-o", str(fixed)]
+    )
+    assert result.exit_code == 0, result.stderr
+    target = _bn_input_variance(_load(path), "bn_linear") * (BATCH - 1) / BATCH
+    return _moving_variance(_load(fixed), "bn_linear") / target, result
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: median corrected/true 1.039, 1.016, 1.029 (seeds 0-2) but only 88%, 81%, "
+    "84% of channels within ±10%. Not mainly the Gaussian E[x²] (×0.96-1.01 of the measured at "
+    "the median channel): with the measured E[x²] it is still 1.013, 0.989, 1.031 and 88%, 84%, "
+    "88%. The stored variance is 2.2× the test variance here, so the EMA's own noise (momentum "
+    "0.95; 5 re-recordings of seed 0: sd 2.5% of the stored variance, i.e. 5.6% of the test "
+    "variance at the median channel, up to 12%) is amplified 2.2× by the subtraction; no formula "
+    "removes that (the warning quotes ±30-32% per 15% error in E[x²])",
+)
+def test_rate_05_through_linear_data_free(saved_05: list[Path], tmp_path: Path) -> None:
+    ratios = [_corrected_05(p, tmp_path)[0] for p in saved_05]
+    medians = [float(np.median(r)) for r in ratios]
+    within = [float(np.mean(np.abs(r - 1.0) <= 0.10)) for r in ratios]
+    assert all(0.97 <= m <= 1.05 for m in medians) and min(within) >= 0.90, (medians, within)
+
+
+def test_rate_05_miss_is_flagged(saved_05: list[Path], tmp_path: Path) -> None:
+    """What the report does say: the sensitivity to E[x²] and a warning past ±10%."""
+    for path in saved_05:
+        _, result = _corrected_05(path, tmp_path)
+        report = json.loads((tmp_path / f"fixed-{path.stem}.keras.report.json").read_text())
+        (row,) = [r for r in report["rows"] if r["layer"] == "bn_linear"]
+        assert "sensitivity: ±15% in E[x²]" in row["assumption"]
+        (warning,) = [w for w in report["metadata"]["warnings"] if "bn_linear" in w]
+        assert "recalibrate" in warning and "--data" in warning
+        assert "warning:" in result.stderr and "'bn_linear'" in result.stderr  # shown too

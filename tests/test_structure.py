@@ -17,6 +17,7 @@ from varshift.core.structure import (
     LayerStructure,
     dropout_term,
     gaussian_second_moment,
+    sensitivity,
 )
 
 
@@ -181,3 +182,62 @@ def test_flattened_inputs_in_both_layouts() -> None:
     assert flattened(per_position, 6, "channels_last").tolist() == [0, 3, 1, 4, 2, 5]
     with pytest.raises(ValidationError, match="not a whole number"):
         flattened(per_channel, 5)
+
+
+def test_sensitivity_is_the_move_of_the_corrected_variance() -> None:
+    # Oracle: recompute the term with every E[x²] 15% high and measure the relative change of
+    # V − term directly (the sensitivity is stated as that change).
+    rng = np.random.default_rng(3)
+    weight, ex2 = rng.normal(size=(5, 7)), rng.uniform(0.2, 2.0, 7)
+    term = dropout_term(weight, ex2, 0.5)
+    stored = term * rng.uniform(1.2, 4.0, 5)
+    moved = stored - dropout_term(weight, 1.15 * ex2, 0.5)
+    want = np.abs(moved / (stored - term) - 1.0)
+    np.testing.assert_allclose(sensitivity(term, stored - term), want, rtol=1e-12)
+
+
+def _linear_case(rate: float, ex2: np.ndarray | None = None) -> tuple[object, ...]:
+    """A one-layer through-linear structure whose term is known by hand: W = I (2×2), feeder
+    output Normal(0, 1) through ReLU → E[x²] = 1/2, term = (1/q − 1)/2 per channel."""
+    from varshift.formats import BNLayer, BNStats
+    from varshift.jobs.correct import CorrectionConfig
+
+    ones = np.ones(2)
+    feeder = FeederBN(ones, np.zeros(2), np.zeros(2), ones, 0.0, "bn0")
+    s = LayerStructure(
+        "bn1", "through-linear", "bernoulli", rate, weight=np.eye(2), feeder=feeder,
+        activation="relu", ex2=ex2,
+    )  # fmt: skip
+    stats = BNStats({"bn1": BNLayer("bn1", np.zeros(2), np.full(2, 1.0))}, "npz")
+    return stats, CorrectionConfig(from_model=True), {"bn1": s}
+
+
+@pytest.mark.parametrize(
+    ("rate", "warns"),
+    # term = (1/q − 1)/2: rate 0.2 → 0.125, test variance 0.875, sensitivity 0.15·0.125/0.875
+    # = 2.1%; rate 0.5 → 0.5, 0.5, 15%: over the ±10% band.
+    [(0.2, False), (0.5, True)],
+)
+def test_sensitivity_in_the_report_and_warning(rate: float, warns: bool) -> None:
+    from varshift.jobs.graph_correct import correct_with_structure
+
+    stats, config, structure = _linear_case(rate)
+    result = correct_with_structure(stats, config, structure)  # type: ignore[arg-type]
+    term = (1.0 / (1.0 - rate) - 1.0) / 2.0
+    np.testing.assert_allclose(result.stats.layers["bn1"].var, 1.0 - term)
+    expected = f"up to ±{0.15 * term / (1.0 - term):.1%}"
+    assert "sensitivity: ±15% in E[x²]" in result.rows[0].assumption
+    assert expected in result.rows[0].assumption
+    assert bool(result.warnings) is warns
+    if warns:
+        assert "'bn1'" in result.warnings[0] and "--data" in result.warnings[0]
+        assert "recalibrate" in result.warnings[0] and expected in result.warnings[0]
+
+
+def test_measured_ex2_has_no_sensitivity_note() -> None:
+    from varshift.jobs.graph_correct import correct_with_structure
+
+    stats, config, structure = _linear_case(0.5, ex2=np.full(2, 0.5))
+    result = correct_with_structure(stats, config, structure)  # type: ignore[arg-type]
+    assert "sensitivity" not in result.rows[0].assumption and not result.warnings
+    np.testing.assert_allclose(result.stats.layers["bn1"].var, 0.5)

@@ -343,3 +343,40 @@ def dropout_term(
         inputs = taps[group[k] * per_group : (group[k] + 1) * per_group]
         term[k] = float(np.sum(w2[k] * inputs))
     return np.asarray(factor * term)
+
+
+# --- how much the data-free E[x²] matters --------------------------------------------------------
+
+#: The relative error in a data-free ``E[x²]`` the report quotes the sensitivity for. Measured on
+#: the nets of tests/test_graph_correct.py: the Gaussian ``E[relu(z)²]`` was 12–14% short at the
+#: median channel of the MLPs (their BN outputs are skewed) and off by ×0.7–1.9 per channel of
+#: the 8×8 conv net (a channel's values pooled over the image are far from one Gaussian). It is a
+#: typical size, not a bound.
+EX2_ERROR = 0.15
+
+
+def sensitivity(term: FloatArray, corrected: FloatArray, error: float = EX2_ERROR) -> FloatArray:
+    """Per channel: the relative change of a through-linear corrected variance when every
+    ``E[x²]`` behind its dropout term is off by the relative ``error``.
+
+    The term is linear in ``E[x²]``, so the test variance ``V − t`` moves by ``error·t`` and its
+    relative change is ``error·t / (V − t)``: small where the term is a small share of the
+    stored variance, large where it is most of it (high rates).
+
+    Parameters
+    ----------
+    term:
+        The dropout term per channel.
+    corrected:
+        The corrected (test-time) variance per channel, in the same convention as ``term``.
+    error:
+        The relative error in ``E[x²]`` (:data:`EX2_ERROR`).
+
+    Examples
+    --------
+    >>> sensitivity(np.array([1.0]), np.array([3.0])).round(3).tolist()
+    [0.05]
+    """
+    t = np.asarray(term, dtype=np.float64)
+    v = np.asarray(corrected, dtype=np.float64)
+    return np.asarray(error * t / v)

@@ -7,7 +7,9 @@ direct          the debiased case-(a) inverse (:func:`varshift.jobs.correct.corr
 through-linear  ``V/f − (1/q − 1)·Σ W² E[x²]`` (re-biased by ``f`` for target ``framework``), the
                 mean unchanged (:func:`varshift.core.structure.dropout_term`); element-wise
                 bernoulli dropout (a channel-wise mask only with a measured noise term);
-                ``E[x²]`` measured, or from the feeding BN through the activation (Gaussian)
+                ``E[x²]`` measured, or from the feeding BN through the activation (Gaussian:
+                then the row quotes how far ±15% in ``E[x²]`` moves the corrected variance,
+                and a warning line says when that exceeds ±10%)
 stacked         not corrected: the noise upstream changes what reaches this dropout at test time
                 and the covariance needed is not in the file; ``varshift recalibrate`` is the fix
 none            untouched
@@ -27,7 +29,13 @@ from fnmatch import fnmatchcase
 import numpy as np
 
 from varshift.core.errors import InputFileError, ValidationError
-from varshift.core.structure import LayerStructure, dropout_term, gaussian_second_moment
+from varshift.core.structure import (
+    EX2_ERROR,
+    LayerStructure,
+    dropout_term,
+    gaussian_second_moment,
+    sensitivity,
+)
 from varshift.formats import BNLayer, BNStats, FloatArray
 from varshift.jobs.correct import (
     DIRECT_FORMULA,
@@ -42,6 +50,9 @@ from varshift.jobs.correct import (
 RECALIBRATE = "run `varshift recalibrate` with data"
 LINEAR_FORMULA = "through-linear: V − (1/q − 1)·Σ_j W_kj²·E[x_j²]"
 CONV_FORMULA = "through-linear (conv): V − (1/q − 1)·Σ_c,taps W²·E[x²] (padding: no noise)"
+#: A data-free through-linear layer whose worst channel moves by more than this for a
+#: :data:`~varshift.core.structure.EX2_ERROR` error in ``E[x²]`` gets a warning line.
+SENSITIVITY_WARNING = 0.10
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class _Term:
 
     values: FloatArray
     assumption: str
+    data_free: bool = False
 
 
 class _Refusal(Exception):
@@ -116,7 +128,7 @@ def through_linear_term(s: LayerStructure) -> _Term:
         raise _Refusal(f"dropout term not computable: {exc}; {RECALIBRATE}") from None
     if values.shape != (s.weight.shape[0],):
         raise _Refusal(f"dropout term has shape {values.shape}; {RECALIBRATE}")
-    return _Term(values, assumption)
+    return _Term(values, assumption, data_free=s.ex2 is None)
 
 
 def _refusal_text(s: LayerStructure) -> str:
@@ -129,9 +141,29 @@ def _refusal_text(s: LayerStructure) -> str:
     return f"structure unknown (the model could not be traced); {RECALIBRATE}"
 
 
+def _sensitivity_note(
+    layer: BNLayer, term: _Term, test_var: FloatArray, where: str
+) -> tuple[str, str | None]:
+    """The sensitivity of a data-free correction to its ``E[x²]``: the assumption's suffix and a
+    warning when the worst channel can leave the ±10% band (:func:`sensitivity`)."""
+    if not term.data_free:
+        return "", None
+    sens = sensitivity(term.values, test_var)
+    k = int(np.argmax(sens))
+    share = f"±{EX2_ERROR:.0%} in E[x²] moves the corrected variance by up to ±{sens[k]:.1%}"
+    note = f"; sensitivity: {share} (channel {k}, dropout term {term.values[k] / test_var[k]:.0%}"
+    note += " of the test variance)"
+    if sens[k] <= SENSITIVITY_WARNING:
+        return note, None
+    return note, (
+        f"{where}: layer {layer.name!r}: the data-free E[x²] is an assumption and {share} "
+        f"(channel {k}; more than ±{SENSITIVITY_WARNING:.0%}): give --data or {RECALIBRATE}"
+    )
+
+
 def _through_linear(
     layer: BNLayer, s: LayerStructure, config: CorrectionConfig, where: str
-) -> tuple[BNLayer, LayerCorrection]:
+) -> tuple[BNLayer, LayerCorrection, str | None]:
     check_layer_values(layer, where)
     term = through_linear_term(s)
     if term.values.shape != layer.var.shape:
@@ -143,7 +175,8 @@ def _through_linear(
     if config.batch_size is not None and config.method == "debiased":
         factor = config.preset.stored_factor(config.preset.check_batch(config.batch_size))
     rebias = factor if config.target == "framework" else 1.0
-    var = (layer.var / factor - term.values) * rebias
+    test_var = layer.var / factor - term.values
+    var = test_var * rebias
     bad = ~(var > 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -155,8 +188,9 @@ def _through_linear(
         )
     new = replace(layer, var=var)
     formula = CONV_FORMULA if s.conv is not None else LINEAR_FORMULA
-    row = _row(layer, new, s, "corrected", formula, 0, term.assumption)
-    return new, replace(row, dropout_term=float(np.mean(term.values)))
+    note, warning = _sensitivity_note(layer, term, test_var, where)
+    row = _row(layer, new, s, "corrected", formula, 0, term.assumption + note)
+    return new, replace(row, dropout_term=float(np.mean(term.values))), warning
 
 
 def _row(
@@ -241,7 +275,7 @@ def correct_with_structure(
             warnings.extend([warning] if warning else [])
         elif s.kind == "through-linear":
             try:
-                new, row = _through_linear(layer, s, config, stats.where)
+                new, row, warning = _through_linear(layer, s, config, stats.where)
             except _Refusal as why:
                 rows.append(
                     replace(left_alone(layer, s.kind, "not corrected", str(why)), rate=s.rate)
@@ -249,6 +283,7 @@ def correct_with_structure(
                 continue
             new_layers[name] = new
             rows.append(row)
+            warnings.extend([warning] if warning else [])
         else:
             rows.append(
                 replace(left_alone(layer, s.kind, "not corrected", _refusal_text(s)), rate=s.rate)
