@@ -143,7 +143,9 @@ def test_rate_is_refused_with_architecture(saved: Path) -> None:
 
 # --- rate 0.5: the truth recorded (issue 10's target is missed data-free) ------------------------
 
-SEEDS = (0, 1, 2)
+# One seed in the suite (each Keras net costs ~40 s of training on 2 cores); seeds 1 and 2 were
+# measured the same way by a script, and the reason below quotes all three.
+SEEDS = (0,)
 
 
 @pytest.fixture(scope="module")
