@@ -226,8 +226,8 @@ class ChannelMoments:
         sum_g2 = qq - 4 * a_mean * qa + 4 * a_mean * a_mean * aa
         sum_g = q - 2 * a_mean * a
         spread = torch.clamp(sum_g2 - 2 * g_mean * sum_g + g_mean * g_mean * self._w2, min=0.0)
-        se = torch.sqrt(spread * b / (b - 1)) / n
-        return se / (q_mean - a_mean * a_mean)
+        var: torch.Tensor = q_mean - a_mean * a_mean
+        return torch.sqrt(spread * b / (b - 1)) / n / var
 
 
 class BatchVarMean:

@@ -288,7 +288,7 @@ def with_statistics(
 ) -> nn.Module:
     """A copy of ``model`` whose BatchNorms named in ``stats`` get ``(running_mean,
     running_var)``; a ``module.`` prefix (DataParallel) is ignored."""
-    from varshift.frameworks.torch.passes import _copy
+    from varshift.frameworks.torch.variants import _copy
 
     out = _copy(model)
     bns = batchnorm_layers(out)
