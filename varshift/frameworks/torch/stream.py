@@ -22,7 +22,8 @@ from varshift.frameworks.torch.results import Scores
 ECE_BINS = 15
 _DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
 
-Progress = Callable[[str, int], None]
+#: ``progress(label, batches done, batches per pass or None)`` after every batch of a pass.
+Progress = Callable[[str, int, int | None], None]
 
 
 class _StopForward(Exception):
@@ -343,6 +344,17 @@ def forward(model: nn.Module, x: torch.Tensor, place: tuple[torch.device, torch.
         ) from None
 
 
+def batches_per_pass(batches: Any) -> int | None:
+    """The number of batches one pass reads, when known beforehand (``None`` otherwise)."""
+    total = getattr(batches, "total", None)
+    if isinstance(total, int):
+        return total
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
 def data_pass(
     model: nn.Module,
     batches: Any,
@@ -376,6 +388,7 @@ def data_pass(
 
         return record
 
+    total = batches_per_pass(batches)
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in measure.items()]
     place = placement(model)
     samples = 0
@@ -391,7 +404,7 @@ def data_pass(
                     scores.add(out, y)
                 samples += int(x.shape[0])
                 if progress is not None:
-                    progress(label, i + 1)
+                    progress(label, i + 1, total)
     finally:
         for h in handles:
             h.remove()
