@@ -126,6 +126,17 @@ def _floating(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _shifted_sums(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rows ``sum(y)`` and ``sum(y²)`` per channel of ``y = x - shift``, as float64. For
+    ``(N, C, ...)`` inputs the positions are summed first (a contiguous reduction), then the
+    samples: several times faster on CPU than one reduction over ``(0, 2, 3, ...)``."""
+    y = x - shift
+    if y.dim() > 2:
+        y = y.flatten(2)
+        return torch.stack([y.sum(-1).sum(0), (y * y).sum(-1).sum(0)]).double()
+    return torch.stack([y.sum(0), (y * y).sum(0)]).double()
+
+
 class ChannelMoments:
     """Per-channel count, mean and sum of squared deviations ``M2`` of a stream.
 
@@ -162,8 +173,7 @@ class ChannelMoments:
             return
         if self._shift is None:
             self._shift = x.mean(dim=dims, keepdim=True)
-        y = x - self._shift
-        sums = torch.stack([y.sum(dim=dims), (y * y).sum(dim=dims)]).double()
+        sums = _shifted_sums(x, self._shift)
         a, q = sums / n
         spread = torch.stack([q * q, q * a, a * a, q, a]) * float(n * n)
         if self._sums is None or self._spread is None:
@@ -251,8 +261,7 @@ class BatchVarMean:
         n = x.numel() // x.shape[1]
         if self._shift is None:
             self._shift = x.mean(dim=dims, keepdim=True)
-        y = x - self._shift
-        s1, s2 = torch.stack([y.sum(dim=dims), (y * y).sum(dim=dims)]).double()
+        s1, s2 = _shifted_sums(x, self._shift)
         var = (s2 - s1 * s1 / n) / (n - 1) if n > 1 else torch.full_like(s1, math.nan)
         sums = torch.stack([var, var * var])
         self._sums = sums if self._sums is None else self._sums + sums
