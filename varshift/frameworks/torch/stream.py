@@ -160,7 +160,8 @@ class ChannelMoments:
         self._count = 0
         self._shift: torch.Tensor | None = None
         self._sums: torch.Tensor | None = None  # rows: S1, S2
-        self._spread: torch.Tensor | None = None  # rows: Σw²q², Σw²qa, Σw²a², Σw²q, Σw²a
+        self._lin: torch.Tensor | None = None  # Σ w² v, v = (a, q): rows a, q
+        self._quad: torch.Tensor | None = None  # Σ w² v_i v_j: (2, 2, C)
         self._w2 = 0.0
         self.batches = 0
 
@@ -174,13 +175,15 @@ class ChannelMoments:
         if self._shift is None:
             self._shift = x.mean(dim=dims, keepdim=True)
         sums = _shifted_sums(x, self._shift)
-        a, q = sums / n
-        spread = torch.stack([q * q, q * a, a * a, q, a]) * float(n * n)
-        if self._sums is None or self._spread is None:
-            self._sums, self._spread = sums, spread
-        else:
+        v = sums / n  # the batch means of y and y²
+        wv = v * float(n * n)
+        if self._sums is None or self._lin is None or self._quad is None:
+            self._sums, self._lin = sums, wv
+            self._quad = wv[:, None] * v[None]
+        else:  # four small ops per batch, no synchronisation
             self._sums += sums
-            self._spread += spread
+            self._lin += wv
+            self._quad.addcmul_(wv[:, None], v[None])
         self._count += n
         self._w2 += float(n * n)
         self.batches += 1
@@ -228,11 +231,14 @@ class ChannelMoments:
         - 2 A a_b``, whose standard error (ratio estimator over ``B`` batches of sizes ``w_b``)
         is ``sqrt(B/(B-1) Σ w_b² (g_b - ḡ)²) / Σ w_b``.
         """
-        if self._sums is None or self._spread is None or self.batches < self.MIN_BATCHES:
+        if self._sums is None or self._lin is None or self._quad is None:
+            return None
+        if self.batches < self.MIN_BATCHES:
             return None
         n, b = float(self._count), self.batches
         a_mean, q_mean = self._sums / n
-        qq, qa, aa, q, a = self._spread
+        a, q = self._lin
+        aa, qa, qq = self._quad[0, 0], self._quad[1, 0], self._quad[1, 1]
         g_mean = q_mean - 2 * a_mean * a_mean
         sum_g2 = qq - 4 * a_mean * qa + 4 * a_mean * a_mean * aa
         sum_g = q - 2 * a_mean * a
