@@ -52,9 +52,9 @@ from varshift.frameworks.torch.stream import (
 )
 from varshift.frameworks.torch.variants import (
     DEFAULT_SEED,
-    _copy,
-    _first_inputs,
+    copy_model,
     correct_data_free,
+    first_inputs,
     seeded,
     update_bn_like,
 )
@@ -438,7 +438,7 @@ def recalibrate(
     _check_has_bn(model)
     data = as_batches(batches, labels)
     graph = classify(model)
-    out = _copy(model)
+    out = copy_model(model)
     bns_all = batchnorm_layers(out)
     bns = {n: m for n, m in bns_all.items() if m.track_running_stats and m.running_var is not None}
     if not bns:
@@ -458,7 +458,7 @@ def recalibrate(
     if _has_labels(data):
         scores.append(_evaluate(model, data, "as saved", progress))
         if compare:
-            fixed, notes = correct_data_free(model, graph, _first_inputs(data))
+            fixed, notes = correct_data_free(model, graph, first_inputs(data))
             warnings += notes
             scores.append(_evaluate(fixed, data, "correct (data-free)", progress))
         scores.append(_evaluate(out, data, "recalibrated", progress))

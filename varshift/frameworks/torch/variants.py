@@ -29,7 +29,7 @@ def _np(t: torch.Tensor | None) -> np.ndarray[Any, np.dtype[np.float64]] | None:
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy; torch's own deprecation warning from copying an exported GraphModule's
     tree specs (``LeafSpec``) is not the user's concern."""
     with warnings.catch_warnings():
@@ -62,7 +62,7 @@ def correct_data_free(
     from varshift.core.structure import dropout_term, gaussian_second_moment
     from varshift.frameworks.torch.structure import layer_structures
 
-    out = _copy(model)
+    out = copy_model(model)
     bns = batchnorm_layers(out)
     buffers = [m.running_mean for m in bns.values() if m.running_mean is not None]
     if example is not None and buffers:
@@ -108,7 +108,7 @@ def correct_data_free(
     return out, tuple(notes)
 
 
-def _first_inputs(data: Any) -> torch.Tensor | None:
+def first_inputs(data: Any) -> torch.Tensor | None:
     """The first batch's inputs (two samples), for the convolutions' input sizes."""
     for x, _ in data:
         return x[:2] if isinstance(x, torch.Tensor) else None
@@ -120,7 +120,7 @@ def update_bn_like(model: nn.Module, batches: Any, seed: int = DEFAULT_SEED) -> 
     ``momentum=None`` (cumulative average of unbiased batch variances), every module in
     training mode — dropout **on**, so the shift is recorded again. The dropout masks come
     from ``seed``; the caller's global RNG state is left as it was."""
-    out = _copy(model)
+    out = copy_model(model)
     bns = batchnorm_layers(out)
     momenta = {}
     for name, m in bns.items():
