@@ -77,6 +77,9 @@ baseline: reports
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/run.py
+	if $(BIN)/python -c 'import torch' 2>/dev/null; then \
+		$(BIN)/python bench/bench_torch.py --output bench/results_torch.md; \
+	else echo 'bench_torch: torch not installed, skipped'; fi
 
 # Debian's chromium for tests/test_html_browser.py (skipped without it); needs root.
 browser:

@@ -9,21 +9,27 @@ grow with the data.
 
 Usage::
 
-    python bench/bench_torch.py [--rounds 5] [--threads N]
+    python bench/bench_torch.py [--rounds 5] [--threads N] [--output bench/results_torch.md]
+
+``make bench`` runs it (when torch is installed) and writes ``bench/results_torch.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import statistics
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from varshift.core.files import atomic_write
 from varshift.frameworks.torch.passes import diagnose, recalibrate
 
 SAMPLES = 4096
@@ -63,19 +69,18 @@ def _warm(model: nn.Module, batches: list[Any]) -> None:
     model.eval()
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Best wall time of each function over ``rounds`` rounds, the functions interleaved in
-    every round (a shared machine's load then hits them alike); GC off during each run."""
-    times: dict[str, float] = {}
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Wall times of each function in every round, the functions interleaved within a round
+    (a shared machine's load then hits them alike); GC off during each run."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             gc.collect()
             gc.disable()
             start = time.perf_counter()
             fn()
-            elapsed = time.perf_counter() - start
+            times[name].append(time.perf_counter() - start)
             gc.enable()
-            times[name] = min(times.get(name, elapsed), elapsed)
     return times
 
 
@@ -128,9 +133,12 @@ def measure(
     rows = []
 
     def row(what: str, key: str, reference: str, target: str) -> None:
+        # ratio of the same round (same load), median and range over rounds; times: best
+        ratios = sorted(a / b for a, b in zip(t[key], t[reference], strict=True))
+        spread = f"{ratios[0]:.2f}–{ratios[-1]:.2f}"
         rows.append(
-            f"| {name} | {what} | {t[key] * 1e3:.1f} ms | {t[reference] * 1e3:.1f} ms "
-            f"| {t[key] / t[reference]:.2f}× | {target} |"
+            f"| {name} | {what} | {min(t[key]) * 1e3:.1f} ms | {min(t[reference]) * 1e3:.1f} ms "
+            f"| {statistics.median(ratios):.2f}× | {spread} | {target} |"
         )
 
     row("diagnose (dropout-on pass off) vs bare eval pass", "diagnose", "floor", "≤ 1.3×")
@@ -138,12 +146,19 @@ def measure(
     row("recalibrate single-pass vs bare eval pass", "single", "floor", "≤ 1.3×")
     if "work" in t:
         row("recalibrate topological vs its passes' forward work", "topological", "work", "≤ 1.3×")
+        depths = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        row(
+            f"recalibrate topological ({depths} BN depths) vs bare eval pass",
+            "topological",
+            "floor",
+            "info",
+        )
     small = peak_memory(model, batches[: len(batches) // 4])
     large = peak_memory(model, batches)
     ratio = large / small
     rows.append(
         f"| {name} | diagnose peak traced heap, 4× vs 1× samples | {large / 2**20:.2f} MiB "
-        f"| {small / 2**20:.2f} MiB | {ratio:.2f}× | ≤ 1.2× |"
+        f"| {small / 2**20:.2f} MiB | {ratio:.2f}× | | ≤ 1.2× |"
     )
     return rows
 
@@ -152,17 +167,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", type=Path, default=None, help="Also write the table here.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| model | measurement | time | reference | ratio | target |")
-    print("|---|---|---|---|---|---|")
-    for line in measure("MLP 4×512", mlp(), (256,), args.rounds):
-        print(line)
-    for line in measure("CNN 3 blocks", cnn(), (3, 32, 32), args.rounds, 1024):
-        print(line)
+    load_before = os.getloadavg()
+    lines = [
+        "| model | measurement | time (best) | reference (best) | ratio (median) | ratio range "
+        "| target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += measure("MLP 4×512", mlp(), (256,), args.rounds)
+    lines += measure("CNN 3 blocks", cnn(), (3, 32, 32), args.rounds, 1024)
+    load_after = os.getloadavg()
+    head = [
+        f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs, {args.rounds} interleaved rounds; load average (1 min) "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after.",
+        "Ratios are taken within a round (same load) and summarised over rounds: the median "
+        "and the range.",
+        "",
+    ]
+    text = "\n".join(head + lines) + "\n"
+    print(text, end="")
+    if args.output is not None:
+        atomic_write(args.output, text.encode(), force=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,15 @@ def loader():
     x, y = digits()
     dataset = torch.utils.data.TensorDataset(x, y)
     return torch.utils.data.DataLoader(dataset, batch_size=200)
+
+
+def slow():
+    import time
+
+    x, y = digits()
+    for start in range(0, 1200, 200):  # 6 batches, 0.3 s each: a pass of ~1.8 s
+        time.sleep(0.3)
+        yield x[start:start + 200], y[start:start + 200]
 """
 
 
@@ -271,3 +280,59 @@ def test_npy_with_labels_file_and_csv_with_label_column(
     for key in (("model", "accuracy"), ("3", "shift_ratio"), ("7", "eval_var")):
         assert reports[0][key] == pytest.approx(reports[2][key], rel=1e-6)
         assert reports[1][key] == pytest.approx(reports[2][key], rel=1e-6)
+
+
+def slow_args(files: dict[str, Path]) -> list[Any]:
+    model = [files["checkpoint"], "--model", f"{MODULE}:stacked_net"]
+    return ["diagnose", *model, "--data", f"{MODULE}:slow", "--no-dropout-on"]
+
+
+def test_progress_bar_on_a_terminal_for_a_slow_pass(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")  # stderr counts as a terminal for Rich
+    code, out, err = run(*slow_args(files), "--max-batches", "6")
+    assert code == 0, err
+    assert "eval" in err and "/6 batches" in err  # label, done/total (known: --max-batches)
+    assert "eval" not in out.split("varshift diagnose")[0]  # nothing of it on stdout
+    code, _, err = run(*slow_args(files))  # total unknown on the first pass: a count only
+    assert code == 0 and "batches" in err and "/6 batches" not in err
+    code, _, err = run(*slow_args(files), "--quiet")
+    assert code == 0 and "batches" not in err
+
+
+def test_no_progress_when_stderr_is_piped(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = run(*slow_args(files))  # CliRunner's stderr is not a tty
+    assert code == 0, err
+    assert "batches" not in err and "\r" not in err and "\x1b" not in err
+
+
+def test_two_diagnose_runs_write_identical_json(files: dict[str, Path], tmp_path: Path) -> None:
+    reports = [tmp_path / "a.json", tmp_path / "b.json"]
+    for report in reports:
+        code, _, err = run("diagnose", *model_args(files), "-f", "json", "-o", report, "-q")
+        assert code == 0, err
+    assert reports[0].read_bytes() == reports[1].read_bytes()
+    meta, metrics = load_report(reports[0])
+    assert meta["parameters"]["seed"] == 0 and "4 standard errors" in meta["flag_rule"]
+    code, _, err = run(
+        "diagnose",
+        *model_args(files),
+        "-f",
+        "json",
+        "-o",
+        reports[1],
+        "--force",
+        "-q",
+        "--seed",
+        "1",
+    )
+    assert code == 0, err
+    assert (
+        load_report(reports[1])[1][("3", "dropout_on_ratio")].value
+        != metrics[("3", "dropout_on_ratio")].value
+    )

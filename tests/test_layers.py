@@ -67,8 +67,17 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
         "torch's dropout classes mapped to kinds; torch function names; structure classes",
     ),
     "frameworks/torch/passes.py": (
+        frozenset({"direct", "bernoulli"}),
+        "runs torch models: nn.Dropout's kind; a structure class",
+    ),
+    "frameworks/torch/variants.py": (
         frozenset({"direct", "bernoulli", "torch"}),
-        "runs torch models: torch's own preset and nn.Dropout's kind; a structure class",
+        "the data-free correction of a torch model: torch's own preset, nn.Dropout's kind, "
+        "a structure class",
+    ),
+    "frameworks/torch/flags.py": (
+        frozenset({"torch"}),
+        "the convergence flag of a torch BatchNorm: torch's own preset",
     ),
     "frameworks/keras/graph.py": (
         frozenset({"direct", "bernoulli", "gaussian", "alpha", "linear"}),

@@ -136,8 +136,7 @@ def test_update_bn_with_dropout_on_stays_shifted(name: str) -> None:
     torch.manual_seed(5)
     on = copy.deepcopy(net)
     torch.optim.swa_utils.update_bn(list(a.split(256)), on)
-    torch.manual_seed(5)
-    mirror = update_bn_like(net, as_batches(a))
+    mirror = update_bn_like(net, as_batches(a), seed=5)  # the same masks: torch seeded with 5
     for key, value in on.state_dict().items():  # our mirror is what update_bn does
         np.testing.assert_allclose(mirror.state_dict()[key], value, rtol=1e-6)
     kinds = {p.layer: p.kind for p in diagnose(net, b, dropout_on=False).graph.layers}
@@ -267,3 +266,89 @@ def test_through_linear_prediction_is_the_dropout_term_of_design_5() -> None:
     v = through.eval_var
     want = (v + (1 / 0.5 - 1) * (w2 @ ex2)) / v
     np.testing.assert_allclose(through.predicted_ratio, want, rtol=1e-6)
+
+
+def test_the_dropout_on_pass_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    net = trained("stacked")
+    x, y = digits()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first, second = diagnose(net, x), diagnose(net, x)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG did not move
+    for a, b in zip(first.layers, second.layers, strict=True):
+        assert a.dropout_on_var is not None and b.dropout_on_var is not None
+        assert np.array_equal(a.dropout_on_var, b.dropout_on_var)
+    other = diagnose(net, x, seed=1)  # the seed is what fixes the masks
+    assert not np.array_equal(other.layers[0].dropout_on_var, first.layers[0].dropout_on_var)
+    rows = [recalibrate(net, x, y).scores[-1] for _ in range(2)]
+    assert rows[0] == rows[1] and torch.equal(torch.get_rng_state(), state)
+
+
+def bn_with_ratio(ratio: float, channels: int = 16, var: float = 4.0) -> Any:
+    """A lone BatchNorm whose stored variance is ``ratio`` × the variance of N(1, ``var``)."""
+    net = nn.Sequential(nn.BatchNorm1d(channels)).double().eval()
+    with torch.no_grad():
+        net[0].running_mean.fill_(1.0)
+        net[0].running_var.fill_(ratio * var)
+        net[0].num_batches_tracked.fill_(10_000)
+    return net
+
+
+def gaussian_batches(n_batches: int, size: int = 100, channels: int = 16) -> list[Any]:
+    gen = torch.Generator().manual_seed(11)
+    return [
+        1.0 + 2.0 * torch.randn(size, channels, generator=gen, dtype=torch.float64)
+        for _ in range(n_batches)
+    ]
+
+
+def test_flag_threshold_is_four_standard_errors_of_the_measured_variance() -> None:
+    # Gaussian data, N samples: se(s²)/σ² = sqrt(2/N); the batch-means estimate of it has
+    # relative error ~ 1/sqrt(2(B-1)) (B = 40: 11 %), so allow 4 of those.
+    batches = gaussian_batches(40)
+    n = 40 * 100
+    se = math.sqrt(2.0 / n)
+    layer = diagnose(bn_with_ratio(1.0), batches, dropout_on=False).layers[0]
+    assert layer.shift_tol == pytest.approx(4 * se, rel=4 / math.sqrt(2 * 39))
+    assert "shifted" not in layer.flags  # true ratio 1
+    # The median over 16 channels has sd below one channel's se: 8 se away is always outside
+    # 4 se, 1.5 se away always inside.
+    assert (
+        "shifted" in diagnose(bn_with_ratio(1 + 8 * se), batches, dropout_on=False).layers[0].flags
+    )
+    assert (
+        "shifted"
+        not in diagnose(bn_with_ratio(1 + 1.5 * se), batches, dropout_on=False).layers[0].flags
+    )
+    # Fewer than MIN_BATCHES batches: the Gaussian formula over the samples, exactly.
+    few = diagnose(bn_with_ratio(1.0), batches[:4], dropout_on=False).layers[0]
+    assert few.shift_tol == pytest.approx(4 * math.sqrt(2.0 / (400 - 1)), rel=1e-12)
+
+
+def test_train_batch_size_adds_the_ema_noise_of_the_stored_variance() -> None:
+    batches = gaussian_batches(4)  # Gaussian fall-back: the data term is known exactly
+    data = math.sqrt(2.0 / (400 - 1))
+    momentum, b = 0.1, 32  # torch's default momentum; EMA variance a/(2-a) * 2/(b-1)
+    ema = math.sqrt(momentum / (2 - momentum) * 2.0 / (b - 1))
+    net = bn_with_ratio(1.0 + 4.5 * data)  # outside 4 se of the data alone
+    alone = diagnose(net, batches, dropout_on=False).layers[0]
+    both = diagnose(net, batches, dropout_on=False, train_batch_size=b).layers[0]
+    assert both.shift_tol == pytest.approx(4 * math.hypot(data, ema), rel=1e-12)
+    assert "shifted" in alone.flags and "shifted" not in both.flags
+
+
+def test_vectorised_direct_prediction_equals_shift_direct_for_every_torch_kind() -> None:
+    from types import SimpleNamespace
+
+    from varshift.core.dropout import Dropout
+    from varshift.core.theory import shift_direct
+    from varshift.frameworks.torch.passes import _predicted
+
+    mean, var = np.array([0.3, -1.2, 2.0, 0.0]), np.array([0.5, 2.0, 0.01, 1.0])
+    for kind in ("bernoulli", "alpha"):
+        dropout = Dropout(kind, 0.3)
+        path = SimpleNamespace(
+            kind="direct", dropout=SimpleNamespace(as_dropout=lambda d=dropout: d)
+        )
+        want = [shift_direct(c, v, dropout).inverse_ratio for c, v in zip(mean, var, strict=True)]
+        np.testing.assert_allclose(_predicted(path, mean, var, None), want, rtol=1e-12)

@@ -1,6 +1,9 @@
-"""ChannelMoments against numpy on the whole stream at once (float64 oracle)."""
+"""ChannelMoments and BatchVarMean against numpy on the whole stream at once (float64 oracle),
+and their between-batch standard errors against the closed forms for i.i.d. data."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -8,16 +11,14 @@ import pytest
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 
-from varshift.frameworks.torch.stream import ChannelMoments  # noqa: E402
+from varshift.frameworks.torch.stream import BatchVarMean, ChannelMoments  # noqa: E402
 
 
-@pytest.mark.parametrize("flush", [1, 3, 64])
-def test_streamed_moments_equal_numpy_over_uneven_batches_and_flushes(flush: int) -> None:
+def test_streamed_moments_equal_numpy_over_uneven_batches() -> None:
     rng = np.random.default_rng(4)
-    sizes = [7, 1, 30, 2, 11, 5, 9, 3, 16, 4]  # uneven, and more batches than a small flush
+    sizes = [7, 1, 30, 2, 11, 5, 9, 3, 16, 4]  # uneven, the second a single sample
     chunks = [rng.normal(3.0, 2.0, size=(n, 5, 2, 3)) for n in sizes]
     moments = ChannelMoments()
-    moments.FLUSH = flush
     for chunk in chunks:
         moments.add(torch.from_numpy(chunk))
     # channel-last, flattened: every element of each channel, all batches together
@@ -27,3 +28,65 @@ def test_streamed_moments_equal_numpy_over_uneven_batches_and_flushes(flush: int
     np.testing.assert_allclose(moments.mean.numpy(), z.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(moments.population_var().numpy(), z.var(axis=0), rtol=1e-12)
     np.testing.assert_allclose(moments.unbiased_var().numpy(), z.var(axis=0, ddof=1), rtol=1e-12)
+
+
+def test_float32_stream_with_a_large_offset_keeps_float32_accuracy() -> None:
+    # mean/std = 1e4: unshifted float32 sums of x² would lose every digit of the variance
+    rng = np.random.default_rng(5)
+    chunks = [rng.normal(1e4, 1.0, size=(256, 3)) for _ in range(20)]
+    moments = ChannelMoments()
+    for chunk in chunks:
+        moments.add(torch.from_numpy(chunk).float())
+    z = np.concatenate([c.astype(np.float32).astype(np.float64) for c in chunks])
+    # float32 rounding of (x - c) with |x - c| of a few units: ~1e-7 relative per element
+    np.testing.assert_allclose(moments.population_var().numpy(), z.var(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(moments.mean.numpy(), z.mean(axis=0), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("draw", "kurtosis"),
+    [
+        (lambda rng, size: rng.normal(2.0, 3.0, size), 3.0),
+        (lambda rng, size: rng.exponential(2.0, size), 9.0),
+    ],
+)
+def test_between_batch_standard_error_matches_the_fourth_moment_formula(
+    draw: object, kurtosis: float
+) -> None:
+    # i.i.d. elements: se(var)/var = sqrt((m4/var² - 1)/N), m4/var² = 3 (normal), 9 (exponential)
+    batches, size, channels = 400, 64, 4
+    rng = np.random.default_rng(6)
+    moments = ChannelMoments()
+    for _ in range(batches):
+        moments.add(torch.from_numpy(draw(rng, (size, channels))))  # type: ignore[operator]
+    got = moments.var_rel_se()
+    assert got is not None
+    want = math.sqrt((kurtosis - 1.0) / (batches * size))
+    # the batch-means estimate has its own relative error ~ sqrt((kurt_g - 1)/(2(B-1)))-ish;
+    # 1/sqrt(2(B-1)) = 3.5 % for Gaussian g; allow 4 of those, doubled for the heavy tail
+    tol = 4 / math.sqrt(2 * (batches - 1)) * (1.0 if kurtosis == 3.0 else 2.0)
+    np.testing.assert_allclose(got.numpy(), want, rtol=tol)
+
+
+def test_too_few_batches_give_no_standard_error() -> None:
+    moments, on = ChannelMoments(), BatchVarMean()
+    for _ in range(ChannelMoments.MIN_BATCHES - 1):
+        x = torch.randn(16, 3, dtype=torch.float64)
+        moments.add(x)
+        on.add(x)
+    assert moments.var_rel_se() is None and on.rel_se() is None
+
+
+def test_batch_var_mean_equals_numpy_and_its_spread() -> None:
+    rng = np.random.default_rng(7)
+    chunks = [rng.normal(-1.0, 0.5, size=(32, 6, 4)) for _ in range(10)]
+    acc = BatchVarMean()
+    for chunk in chunks:
+        acc.add(torch.from_numpy(chunk))
+    per_batch = np.array([c.transpose(0, 2, 1).reshape(-1, 6).var(axis=0, ddof=1) for c in chunks])
+    assert acc.value() is not None
+    np.testing.assert_allclose(acc.value().numpy(), per_batch.mean(axis=0), rtol=1e-12)
+    want = per_batch.std(axis=0, ddof=1) / math.sqrt(10) / per_batch.mean(axis=0)
+    rel = acc.rel_se()
+    assert rel is not None
+    np.testing.assert_allclose(rel.numpy(), want, rtol=1e-9)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -17,13 +15,13 @@ from varshift.jobs.diagnose import (
     DataSpec,
     DiagnoseConfig,
     ModelSpec,
-    Progress,
     RecalibrateConfig,
     diagnose_metadata,
     run_diagnose,
     run_recalibrate,
 )
 from varshift.present.output import emit
+from varshift.present.render import pass_progress
 from varshift.present.report import frame_records
 
 
@@ -103,25 +101,13 @@ DeviceOpt = Annotated[
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the results.")]
 Fmt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")]
-
-
-def _progress(quiet: bool) -> Progress | None:
-    """A one-line progress note on stderr for passes longer than a second (terminal only)."""
-    if quiet or not sys.stderr.isatty():
-        return None
-    start = time.monotonic()
-
-    def show(label: str, batch: int) -> None:
-        if time.monotonic() - start > 1.0:
-            sys.stderr.write(f"\rvarshift: {label}: batch {batch}\033[K")
-            sys.stderr.flush()
-
-    return show
-
-
-def _done(progress: Progress | None) -> None:
-    if progress is not None:
-        sys.stderr.write("\r\033[K")
+Seed = Annotated[
+    int,
+    typer.Option(
+        help="Seed of the dropout masks of the dropout-on pass, so two runs agree (torch's "
+        "global RNG is left as it was)."
+    ),
+]
 
 
 @app.command(epilog=DIAGNOSE_EPILOG)
@@ -144,6 +130,15 @@ def diagnose(
             "records; --no-dropout-on halves the cost.",
         ),
     ] = True,
+    seed: Seed = 0,
+    train_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Batch size the model was trained with: adds the noise of the stored running "
+            "statistics to the flag thresholds (without it only the data pass's error counts).",
+            show_default=False,
+        ),
+    ] = None,
     fmt: Fmt = OutputFormat.table,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the report here, not stdout.")
@@ -161,7 +156,10 @@ def diagnose(
     layer's class comes from the model graph: direct, through-linear, stacked (noise further
     up), none, or unknown (untraceable). Flags: shifted, shift re-baked (stored matches the
     dropout-on statistics, as training and update_bn leave them), unconverged, initial values,
-    dead channels, mode audit, track_running_stats=False. With labels: accuracy, NLL and ECE.
+    dead channels, mode audit, track_running_stats=False. `shifted` means the median ratio
+    lies more than 4 standard errors from 1 (`flag_tol` in the table): the data pass's
+    sampling error, plus the stored statistics' noise given `--train-batch-size`. With labels:
+    accuracy, NLL and ECE.
 
     `--format json` is a report `varshift check` gates, e.g. `--fail-if 'shift_ratio > 1.1'`.
     """
@@ -170,15 +168,22 @@ def diagnose(
         DataSpec(data, input_key, label_key, labels, batch_size, max_batches),
         device=None if device is None else device.value,
         dropout_on=dropout_on,
+        seed=seed,
+        train_batch_size=train_batch_size,
     )
     inputs = [Path(model), checkpoint, Path(data), labels]
     OutputPlan(inputs, force=force).add_all([output] if output else [], "--output")
-    progress = _progress(quiet)
-    result = run_diagnose(config, progress)
-    _done(progress)
+    with pass_progress(quiet) as progress:
+        result = run_diagnose(config, progress)
     if not quiet:
         for line in result.warnings:
             typer.echo(f"varshift: warning: {line}", err=True)
+        if train_batch_size is None:
+            typer.echo(
+                "varshift: note: flag thresholds count only the data pass's sampling error; "
+                "--train-batch-size adds the stored statistics' noise",
+                err=True,
+            )
     table = result.to_frame()
     meta = diagnose_metadata(config, result)
     if fmt is OutputFormat.json:
@@ -215,6 +220,7 @@ def recalibrate(
             "with the stored statistics upstream (PreciseBN-style)."
         ),
     ] = RecalibrationMethod.topological,
+    seed: Seed = 0,
     force: Annotated[bool, typer.Option(help="Overwrite --output.")] = False,
     fmt: Fmt = OutputFormat.table,
     quiet: Quiet = False,
@@ -235,10 +241,10 @@ def recalibrate(
         method=method.value,
         device=None if device is None else device.value,
         force=force,
+        seed=seed,
     )
-    progress = _progress(quiet)
-    job = run_recalibrate(config, progress)
-    _done(progress)
+    with pass_progress(quiet) as progress:
+        job = run_recalibrate(config, progress)
     result = job.result
     if not quiet:
         for line in result.warnings:

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 METHODS: tuple[str, ...] = ("topological", "single-pass")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
-Progress = Callable[[str, int], None]
+#: ``progress(label, batches done, batches per pass or None)``, as the library calls it.
+Progress = Callable[[str, int, int | None], None]
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,13 @@ class DiagnoseConfig:
     data: DataSpec
     device: str | None = None
     dropout_on: bool = True
+    seed: int = 0
+    train_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_int("seed", self.seed, 0)
+        if self.train_batch_size is not None:
+            check_int("train_batch_size", self.train_batch_size, 2)
         if self.device is not None:
             object.__setattr__(self, "device", check_choice("device", self.device, DEVICES))
 
@@ -89,8 +95,10 @@ class RecalibrateConfig:
     device: str | None = None
     force: bool = False
     compare: bool = True
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        check_int("seed", self.seed, 0)
         object.__setattr__(self, "method", check_choice("method", self.method, METHODS))
         if self.device is not None:
             object.__setattr__(self, "device", check_choice("device", self.device, DEVICES))
@@ -153,7 +161,14 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None) -> Di
     device = _device(config.device)
     loaded = _load(config.model, device)
     batches = _batches(config.data)
-    return diagnose(loaded.module, batches, dropout_on=config.dropout_on, progress=progress)
+    return diagnose(
+        loaded.module,
+        batches,
+        dropout_on=config.dropout_on,
+        seed=config.seed,
+        train_batch_size=config.train_batch_size,
+        progress=progress,
+    )
 
 
 def _check_output(config: RecalibrateConfig) -> None:
@@ -191,7 +206,12 @@ def run_recalibrate(config: RecalibrateConfig, progress: Progress | None = None)
     loaded = _load(config.model, device)
     batches = _batches(config.data)
     result = recalibrate(
-        loaded.module, batches, method=config.method, compare=config.compare, progress=progress
+        loaded.module,
+        batches,
+        method=config.method,
+        compare=config.compare,
+        seed=config.seed,
+        progress=progress,
     )
     data = checkpoint_bytes(loaded, result.model)
     out = atomic_write(Path(config.output), data, force=config.force)
@@ -202,6 +222,7 @@ def diagnose_metadata(config: DiagnoseConfig, result: DiagnoseResult) -> dict[st
     """Run metadata of a diagnose report: parameters (file names, not absolute paths), data
     size, warnings, and the per-layer table (classes, flags, paths) beside the metric rows."""
     from varshift import __version__
+    from varshift.frameworks.torch.flags import FLAG_SE
 
     spec, data = config.model, config.data
     return {
@@ -215,7 +236,15 @@ def diagnose_metadata(config: DiagnoseConfig, result: DiagnoseResult) -> dict[st
             "batch_size": data.batch_size,
             "max_batches": data.max_batches,
             "dropout_on": config.dropout_on,
+            "seed": config.seed,
+            "train_batch_size": config.train_batch_size,
         },
+        "flag_rule": (
+            f"shifted: median stored/eval variance ratio more than {FLAG_SE:g} standard errors "
+            "from 1 "
+            "(flag_tol); counted: the data pass's sampling error"
+            + ("" if config.train_batch_size is None else " and the stored statistics' EMA noise")
+        ),
         "samples": result.samples,
         "warnings": list(result.warnings),
     }

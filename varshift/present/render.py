@@ -214,6 +214,10 @@ class SmoothedRate:
         self._time = 0.0
         self._last: tuple[float, float] | None = None
 
+    def reset(self) -> None:
+        """Forget everything: the next :meth:`update` starts a new measurement."""
+        self._work, self._time, self._last = 0.0, 0.0, None
+
     @property
     def rate(self) -> float | None:
         """Units per second, or None before any time has passed."""
@@ -311,4 +315,73 @@ def progress_bar(
         yield update
     finally:
         if started:
+            progress.stop()
+
+
+def _count_column(eta: SmoothedRate, unit: str) -> Any:
+    """``done/total unit`` (``done unit`` when the total is unknown) and the smoothed rate."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class CountAndRate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            done = int(task.completed)
+            count = f"{done}/{int(task.total)}" if task.total else f"{done}"
+            rate = eta.rate
+            speed = f", {rate:.1f} {unit}/s" if rate else ""
+            return Text(f"{count} {unit}{speed}", style="progress.download")
+
+    return CountAndRate()
+
+
+@contextmanager
+def pass_progress(
+    quiet: bool = False, *, delay: float = 1.0, unit: str = "batches"
+) -> Iterator[Callable[[str, int, int | None], None]]:
+    """Yield a ``callback(label, done, total)`` driving a bar on stderr over a series of passes.
+
+    Each new ``label`` starts a new pass (the bar and its :class:`SmoothedRate` ETA restart).
+    The bar appears once a pass has run for ``delay`` seconds, so short passes print nothing;
+    a known ``total`` shows ``done/total``, the rate and the ETA, an unknown one a spinner and
+    the count. Nothing is written when ``quiet`` or when stderr is not a terminal.
+    """
+    if quiet or not stderr_is_terminal():
+        yield lambda label, done, total: None
+        return
+    console = stderr_console(quiet)
+    if not console.is_terminal:
+        yield lambda label, done, total: None
+        return
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
+    eta = SmoothedRate()
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        _count_column(eta, unit),
+        _eta_column(eta),
+        console=console,
+        transient=True,
+    )
+    task = progress.add_task("", total=None)
+    state: dict[str, Any] = {"label": None, "start": 0.0, "shown": False}
+
+    def update(label: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if label != state["label"]:
+            state["label"], state["start"] = label, now
+            eta.reset()
+            eta.update(now, 0)
+            progress.reset(task, description=label, total=total, completed=0)
+        if not state["shown"] and now - state["start"] > delay:
+            progress.start()
+            state["shown"] = True
+        eta.update(now, done)
+        progress.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if state["shown"]:
             progress.stop()

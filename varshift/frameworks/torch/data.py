@@ -9,7 +9,7 @@ naming the file (and batch), the value and what was expected.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class Batches:
     factory: Callable[[], Iterable[Any]] | None = None
     input_key: str | None = None
     label_key: str | None = None
+    _counted: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         if self.inputs is not None:
@@ -66,6 +67,18 @@ class Batches:
             yield x, y
         if count == 0:
             raise ValidationError(f"{self.source}: the data source gave no batches")
+        if not self._counted:
+            self._counted.append(count)
+
+    @property
+    def total(self) -> int | None:
+        """Batches per pass when known before the pass (``None`` otherwise): for file or tensor
+        data the count of slices; for an iterable, the count a complete earlier pass read,
+        else ``max_batches`` (an upper bound)."""
+        if self.inputs is not None:
+            n = -(-int(self.inputs.shape[0]) // int(self.batch_size))
+            return n if self.max_batches is None else min(n, self.max_batches)
+        return self._counted[0] if self._counted else self.max_batches
 
     @property
     def has_labels(self) -> bool | None:

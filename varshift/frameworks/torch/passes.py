@@ -13,9 +13,7 @@ torch stores it: ``running_mean`` = the mean, ``running_var`` = the unbiased var
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,9 +23,13 @@ from torch import nn
 
 from varshift.core.dropout import Dropout
 from varshift.core.errors import ValidationError
-from varshift.core.presets import resolve_preset
-from varshift.core.theory import corrected_variance, shift_direct, updates_to_forget
 from varshift.frameworks.torch.data import as_batches
+from varshift.frameworks.torch.flags import (
+    Tolerances,
+    layer_flags,
+    stored_rel_se,
+    tolerances,
+)
 from varshift.frameworks.torch.graph import BatchNorm, ModelGraph, batchnorm_layers, classify
 from varshift.frameworks.torch.results import (
     DiagnoseResult,
@@ -46,9 +48,15 @@ from varshift.frameworks.torch.stream import (
     bn_train_only,
     data_pass,
     dropout_off,
-    forward,
     mode_audit,
-    placement,
+)
+from varshift.frameworks.torch.variants import (
+    DEFAULT_SEED,
+    copy_model,
+    correct_data_free,
+    first_inputs,
+    seeded,
+    update_bn_like,
 )
 
 __all__ = [
@@ -64,25 +72,12 @@ __all__ = [
 ]
 
 METHODS: tuple[str, ...] = ("topological", "single-pass")
-#: Flag thresholds (what the table marks, not a test): a median stored/eval ratio further than
-#: SHIFT_TOL from 1 is ``shifted``; stored within REBAKE_TOL of the dropout-on value then is
-#: ``shift re-baked`` (what training, update_bn and PreciseBN hooks leave).
-SHIFT_TOL = 0.05
-REBAKE_TOL = 0.05
 #: Accumulator key prefix of a dropout whose input a through-linear prediction needs.
 _PROBE = "dropout input of "
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
 
 # --- diagnose ----------------------------------------------------------------------------------
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy; torch's own deprecation warning from copying an exported GraphModule's
-    tree specs (``LeafSpec``) is not the user's concern."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(model)
 
 
 def _check_has_bn(model: nn.Module) -> dict[str, BatchNorm]:
@@ -114,12 +109,17 @@ def _restore(bns: Mapping[str, BatchNorm], saved: Mapping[str, Mapping[str, torc
 
 
 def _dropout_on_pass(
-    model: nn.Module, batches: Any, bns: Mapping[str, BatchNorm], progress: Progress | None
+    model: nn.Module,
+    batches: Any,
+    bns: Mapping[str, BatchNorm],
+    progress: Progress | None,
+    seed: int,
 ) -> dict[str, BatchVarMean]:
-    """Training mode, dropout on: what training records. BN buffers are restored afterwards."""
+    """Training mode, dropout on: what training records. BN buffers are restored afterwards;
+    the masks are drawn from ``seed`` (:func:`seeded`), the global RNG is left as it was."""
     saved = _buffers(bns)
     try:
-        with all_train(model):
+        with all_train(model), seeded(seed, model):
             acc, _, _ = data_pass(
                 model, batches, bns, BatchVarMean, progress=progress, label="dropout on"
             )
@@ -145,12 +145,12 @@ def _predicted(
     if path.kind != "direct" or path.dropout is None:
         return None
     dropout = path.dropout.as_dropout()
-    return np.array(
-        [
-            shift_direct(float(c), max(float(v), 0.0), dropout).inverse_ratio
-            for c, v in zip(mean, var, strict=True)
-        ]
-    )
+    v = np.maximum(var, 0.0)
+    # shift_direct's train/test variances, evaluated on whole arrays (the same arithmetic)
+    _, train_var = dropout.train_mean_var(mean, v)
+    test_var = dropout.test_scale**2 * v
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(np.asarray(train_var, dtype=np.float64) / test_var, dtype=np.float64)
 
 
 def _linear_probes(model: nn.Module, graph: ModelGraph) -> dict[str, tuple[nn.Module, Any]]:
@@ -180,42 +180,14 @@ def _dropout_term(probe: tuple[nn.Module, Any], moments: ChannelMoments, rate: f
     return _np((kappa - 1.0) * (weight**2 @ ex2))
 
 
-def _flags(
-    path: Any, m: Any, stored_var: Any, eval_var: Any, on_var: Any, audit: tuple[str, ...]
-) -> tuple[str, ...]:
-    flags: list[str] = []
-    if not m.track_running_stats:
-        return ("track_running_stats=False: batch statistics at test time",)
-    tracked = m.num_batches_tracked
-    count = None if tracked is None else int(tracked)
-    if bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()):
-        flags.append("initial values")
-    elif count is not None and m.momentum is not None:
-        needed = updates_to_forget(resolve_preset("torch", float(m.momentum)))
-        if needed is not None and count < needed:
-            flags.append(f"unconverged ({count} < {needed} updates)")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = float(np.nanmedian(stored_var / eval_var))
-        if abs(ratio - 1.0) > SHIFT_TOL:
-            flags.append("shifted")
-            if on_var is not None and path.dropout is not None:
-                rebaked = float(np.nanmedian(stored_var / on_var))
-                if abs(rebaked - 1.0) <= REBAKE_TOL:
-                    flags.append("shift re-baked")
-    dead = int(np.sum(eval_var < m.eps))
-    if dead:
-        flags.append(f"{dead} dead channel(s)")
-    if path.layer in audit or (path.dropout is not None and path.dropout.name in audit):
-        flags.append("mode audit: training in eval()")
-    return tuple(flags)
-
-
 def diagnose(
     model: nn.Module,
     batches: Any,
     labels: Any = None,
     *,
     dropout_on: bool = True,
+    seed: int = DEFAULT_SEED,
+    train_batch_size: int | None = None,
     progress: Progress | None = None,
 ) -> DiagnoseResult:
     """Measure what every BatchNorm of ``model`` sees at test time, beside what it stored.
@@ -233,12 +205,20 @@ def diagnose(
     dropout_on:
         Also run the training-mode pass (dropout on, BN on batch statistics; running buffers
         restored afterwards) that gives ``dropout_on_var``; False halves the cost.
+    seed:
+        Seed of that pass's dropout masks (so two runs agree); the caller's global RNG state is
+        left as it was.
+    train_batch_size:
+        The batch size the model was trained with: adds the noise of the stored running
+        variance (an EMA of batch variances) to the flag thresholds; without it only the data
+        passes' sampling error is counted (:mod:`varshift.frameworks.torch.flags`).
 
     Returns
     -------
     DiagnoseResult
         One row per BN with stored, eval-mode and dropout-on statistics, the stored/eval shift
-        ratio, the closed-form prediction for direct layers, and flags.
+        ratio, the closed-form prediction for direct layers, and flags (``shifted``: the
+        ratio lies more than ``FLAG_SE`` standard errors from 1).
 
     Raises
     ------
@@ -256,7 +236,8 @@ def diagnose(
         acc, order, samples = data_pass(
             model, data, measure, ChannelMoments, scores=sums, progress=progress, label="eval"
         )
-    on = _dropout_on_pass(model, data, bns, progress) if dropout_on else {}
+    on = _dropout_on_pass(model, data, bns, progress, seed) if dropout_on else {}
+    n_batches = next((a.batches for a in acc.values() if a.batches), 0)
     paths = graph.by_name()
     names = [n for n in order if n in bns] + [n for n in bns if n not in order]
     if graph.traced:
@@ -269,8 +250,16 @@ def diagnose(
         extra = None
         if name in probes and path.dropout is not None:
             extra = _dropout_term(probes[name], acc[f"{_PROBE}{name}"], path.dropout.rate)
+        m = bns[name]
+        tol = tolerances(
+            _np(acc[name].var_rel_se()),
+            _np(on[name].rel_se()) if name in on else None,
+            samples,
+            n_batches if name in on else 0,
+            stored_rel_se(m.momentum, train_batch_size, _tracked(m)),
+        )
         on_var = _np(on[name].value()) if name in on else None
-        layers.append(_layer(path, bns[name], acc[name], on_var, extra, audit))
+        layers.append(_layer(path, m, acc[name], on_var, extra, audit, tol))
     warnings = _graph_warnings(graph) + tuple(
         f"{n}: still in training mode after model.eval()" for n in audit
     )
@@ -287,6 +276,7 @@ def _layer(
     on_var: FloatArray | None,
     extra: FloatArray | None,
     audit: tuple[str, ...],
+    tol: Tolerances,
 ) -> LayerDiagnosis:
     mean, var = _np(moments.mean), _np(moments.population_var())
     assert mean is not None and var is not None
@@ -306,8 +296,15 @@ def _layer(
         count=moments.count,
         dropout_on_var=on_var,
         predicted_ratio=_predicted(path, mean, var, extra),
-        flags=_flags(path, m, stored_var, var, on_var, audit),
+        flags=layer_flags(path, m, stored_var, var, on_var, audit, tol),
+        shift_tol=tol.shift,
+        rebake_tol=tol.rebake,
     )
+
+
+def _tracked(m: Any) -> int | None:
+    count = getattr(m, "num_batches_tracked", None)
+    return None if count is None else int(count)
 
 
 def _count_batches(data: Any) -> int:
@@ -390,91 +387,6 @@ def _estimate(
     return final, first, depth, len(levels)
 
 
-def correct_data_free(
-    model: nn.Module, graph: ModelGraph, example: torch.Tensor | None = None
-) -> tuple[nn.Module, tuple[str, ...]]:
-    """A copy corrected as ``varshift correct --model`` would, data-free, by BN class: direct
-    layers get the debiased direct formula, element-wise through-linear layers lose the
-    dropout term with the Gaussian ``E[x²]`` of the feeding BN, every other layer (stacked,
-    channel-wise, none) is left. ``example`` (a batch) gives the convolutions' input sizes.
-    Channels that come out ≤ 0 are set to the layer's eps, with a note."""
-    from varshift.core.structure import dropout_term, gaussian_second_moment
-    from varshift.frameworks.torch.structure import layer_structures
-
-    out = _copy(model)
-    bns = batchnorm_layers(out)
-    buffers = [m.running_mean for m in bns.values() if m.running_mean is not None]
-    if example is not None and buffers:
-        example = example.to(buffers[0].device)
-    structures = layer_structures(out, graph, example)
-    preset = resolve_preset("torch")
-    notes = []
-    for path in graph.layers:
-        m: Any = bns.get(path.layer)
-        s = structures.get(path.layer)
-        if m is None or path.dropout is None or s is None or not m.track_running_stats:
-            continue
-        stored_mean, stored_var = _np(m.running_mean), _np(m.running_var)
-        assert stored_mean is not None and stored_var is not None
-        if s.kind == "direct":
-            dropout = Dropout(path.dropout.kind, path.dropout.rate)
-            mean, var = corrected_variance(stored_mean, stored_var, dropout, preset)
-        elif (
-            s.kind == "through-linear"
-            and s.dropout_kind == "bernoulli"
-            and not s.channelwise
-            and s.weight is not None
-            and s.feeder is not None
-            and s.rate is not None
-        ):
-            try:
-                ex2 = gaussian_second_moment(s.activation, *s.feeder.output_moments())
-                term = dropout_term(s.weight, ex2, s.rate, s.conv, s.layout)
-            except (ValueError, ValidationError):
-                continue
-            if term.shape != stored_var.shape:
-                continue
-            mean, var = stored_mean, stored_var - term
-        else:
-            continue
-        bad = ~(var > 0)
-        if bad.any():
-            notes.append(f"correct: {path.layer}: {int(bad.sum())} channel(s) ≤ 0 set to eps")
-        var = np.where(bad, m.eps, var)
-        with torch.no_grad():
-            m.running_mean.copy_(torch.from_numpy(np.asarray(mean)).to(m.running_mean))
-            m.running_var.copy_(torch.from_numpy(np.asarray(var)).to(m.running_var))
-    return out, tuple(notes)
-
-
-def _first_inputs(data: Any) -> torch.Tensor | None:
-    """The first batch's inputs (two samples), for the convolutions' input sizes."""
-    for x, _ in data:
-        return x[:2] if isinstance(x, torch.Tensor) else None
-    return None
-
-
-def update_bn_like(model: nn.Module, batches: Any) -> nn.Module:
-    """A copy recalibrated as ``torch.optim.swa_utils.update_bn`` does: statistics reset,
-    ``momentum=None`` (cumulative average of unbiased batch variances), every module in
-    training mode — dropout **on**, so the shift is recorded again."""
-    out = _copy(model)
-    bns = batchnorm_layers(out)
-    momenta = {}
-    for name, m in bns.items():
-        if m.track_running_stats:
-            m.reset_running_stats()
-            momenta[name] = m.momentum
-            m.momentum = None
-    with all_train(out), torch.no_grad():
-        place = placement(out)
-        for x, _ in batches:
-            forward(out, x, place)
-    for name, momentum in momenta.items():
-        bns[name].momentum = momentum
-    return out
-
-
 def _evaluate(model: nn.Module, data: Any, variant: str, progress: Progress | None) -> Scores:
     sums = ScoreSums()
     with all_eval(model):
@@ -489,6 +401,7 @@ def recalibrate(
     *,
     method: str = "topological",
     compare: bool = True,
+    seed: int = DEFAULT_SEED,
     progress: Progress | None = None,
 ) -> RecalibrateResult:
     """Re-estimate every BatchNorm's running statistics from data with dropout off.
@@ -506,6 +419,8 @@ def recalibrate(
         only known when ``topological`` runs, whose first pass is this one).
     compare:
         With labels, also score the data-free ``correct`` and the ``update_bn`` variants.
+    seed:
+        Seed of the ``update_bn`` variant's dropout masks (the global RNG is left as it was).
 
     Returns
     -------
@@ -523,7 +438,7 @@ def recalibrate(
     _check_has_bn(model)
     data = as_batches(batches, labels)
     graph = classify(model)
-    out = _copy(model)
+    out = copy_model(model)
     bns_all = batchnorm_layers(out)
     bns = {n: m for n, m in bns_all.items() if m.track_running_stats and m.running_var is not None}
     if not bns:
@@ -543,14 +458,14 @@ def recalibrate(
     if _has_labels(data):
         scores.append(_evaluate(model, data, "as saved", progress))
         if compare:
-            fixed, notes = correct_data_free(model, graph, _first_inputs(data))
+            fixed, notes = correct_data_free(model, graph, first_inputs(data))
             warnings += notes
             scores.append(_evaluate(fixed, data, "correct (data-free)", progress))
         scores.append(_evaluate(out, data, "recalibrated", progress))
         if compare:
             scores.append(
                 _evaluate(
-                    update_bn_like(model, data),
+                    update_bn_like(model, data, seed),
                     data,
                     "recalibrated, dropout on (update_bn)",
                     progress,

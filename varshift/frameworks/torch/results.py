@@ -70,7 +70,9 @@ class DiagnoseRow:
     Means over channels for ``stored_*``, ``eval_*`` and ``dropout_on_var``; the median, minimum
     and maximum over channels for ``shift_ratio`` = stored/eval variance; ``predicted_ratio``
     is the closed form's median (direct layers: ``Var_train/Var_test`` of case (a) from the
-    measured eval mean and variance); ``dropout_on_ratio`` the median of dropout-on/eval.
+    measured eval mean and variance); ``dropout_on_ratio`` the median of dropout-on/eval;
+    ``flag_tol`` how far ``shift_ratio`` may lie from 1 before the layer is flagged
+    ``shifted`` (``FLAG_SE`` standard errors, :mod:`varshift.frameworks.torch.flags`).
     """
 
     layer: str
@@ -92,6 +94,7 @@ class DiagnoseRow:
     predicted_ratio: float
     dropout_on_ratio: float
     dead_channels: int
+    flag_tol: float
     flags: str
     path: str
 
@@ -102,7 +105,8 @@ class LayerDiagnosis:
 
     ``stored_*`` are ``None`` when the layer does not track running statistics;
     ``dropout_on_var`` is ``None`` when that pass was skipped; ``predicted_ratio`` is ``None``
-    where no closed form applies.
+    where no closed form applies. ``shift_tol``/``rebake_tol``: the relative thresholds of the
+    ``shifted``/``shift re-baked`` flags (:mod:`varshift.frameworks.torch.flags`).
     """
 
     path: BNPath
@@ -118,6 +122,8 @@ class LayerDiagnosis:
     dropout_on_var: FloatArray | None
     predicted_ratio: FloatArray | None
     flags: tuple[str, ...]
+    shift_tol: float = math.nan
+    rebake_tol: float = math.nan
 
     @property
     def shift_ratio(self) -> FloatArray | None:
@@ -155,6 +161,7 @@ class LayerDiagnosis:
             predicted_ratio=_median(self.predicted_ratio),
             dropout_on_ratio=_median(_ratio(self.dropout_on_var, self.eval_var)),
             dead_channels=self.dead,
+            flag_tol=self.shift_tol,
             flags=", ".join(self.flags),
             path=p.path,
         )

@@ -288,9 +288,9 @@ def with_statistics(
 ) -> nn.Module:
     """A copy of ``model`` whose BatchNorms named in ``stats`` get ``(running_mean,
     running_var)``; a ``module.`` prefix (DataParallel) is ignored."""
-    from varshift.frameworks.torch.passes import _copy
+    from varshift.frameworks.torch.variants import copy_model
 
-    out = _copy(model)
+    out = copy_model(model)
     bns = batchnorm_layers(out)
     with torch.no_grad():
         for name, (mean, var) in stats.items():
