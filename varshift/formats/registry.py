@@ -15,6 +15,9 @@ How to add a format
    packages inside ``read``/``write`` through ``EXTRA.load``, never at module level).
 2. Add its ``FORMAT`` to ``_RECORDS`` below (the order is the order of :data:`FORMATS`, of
    sniffing and of the extensions listed in messages).
+   A format whose checkpoints are folders (Orbax) has no extensions and a ``folder``
+   recogniser instead; its writer builds the folder in
+   :func:`varshift.core.files.replacing_folder`.
 3. Add the extra to ``[project.optional-dependencies]`` in ``pyproject.toml`` if it needs one.
    ``tests/test_formats_registry.py`` then round-trips the new format automatically (a format
    that cannot write a file from in-memory statistics gives that test a sample file).
