@@ -186,6 +186,42 @@ def test_force_replaces_only_a_checkpoint_folder(folders: dict[str, Path], tmp_p
     assert (foreign / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_numpy_and_float64_leaves_keep_their_type_without_ocdbt(tmp_path: Path) -> None:
+    """A PyTreeCheckpointer(use_ocdbt=False) folder of NumPy leaves (float64 statistics, a
+    float64 kernel, an int32 step) and jax leaves saved with 64-bit mode on."""
+    source, out = tmp_path / "zarr", tmp_path / "fixed"
+    with jax.enable_x64(True):
+        tree = {
+            "bn": {"mean": np.float64([0.5, -1.0]), "var": np.float64([4.0, 2.5])},
+            "kernel": np.arange(6.0).reshape(2, 3),
+            "step": np.int32(7),
+            "jax64": jax.numpy.asarray([1.0, 2.0], dtype=jax.numpy.float64),
+        }
+        with ocp.PyTreeCheckpointer(use_ocdbt=False) as checkpointer:
+            checkpointer.save(source.absolute(), tree)
+    assert not (source / "manifest.ocdbt").exists()
+    args = ["correct", source, "--rate", RATE, "-o", out, "--no-report", "-q"]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "manifest.ocdbt").exists()  # the source's storage options kept
+    with jax.enable_x64(True), ocp.PyTreeCheckpointer() as checkpointer:
+        old, new = checkpointer.restore(source.absolute()), checkpointer.restore(out.absolute())
+    flat_old = dict(jax.tree_util.tree_flatten_with_path(old)[0])
+    flat_new = dict(jax.tree_util.tree_flatten_with_path(new)[0])
+    for key, before in flat_old.items():
+        after = flat_new[key]
+        same_dtype = np.asarray(after).dtype == np.asarray(before).dtype
+        assert type(after) is type(before) and same_dtype, key
+    mu, stored = np.float64([0.5, -1.0]), np.float64([4.0, 2.5])
+    np.testing.assert_allclose(new["bn"]["var"], (1 - RATE) * (stored + mu**2) - mu**2, rtol=1e-15)
+    for key in (("kernel",), ("step",), ("jax64",), ("bn", "mean")):
+        a, b = old, new
+        for part in key:
+            a, b = a[part], b[part]
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
 def test_bad_folders_and_outputs_are_refused_in_one_line(
     folders: dict[str, Path], tmp_path: Path
 ) -> None:

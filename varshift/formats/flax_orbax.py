@@ -20,20 +20,22 @@ layer ``bn1`` (the trailing ``/value`` dropped), as in :mod:`varshift.formats.fl
 
 Reading runs no code from the folder. It needs orbax-checkpoint (which imports jax and
 TensorStore), imported only when such a folder is given; the tree is restored without a
-target, every array onto the local CPU. Verified in the orbax-checkpoint 0.12.8 source: a
-restore reads JSON (``json``/``simplejson``), the legacy aggregate file ``checkpoint`` with
-msgpack (Flax's array ext types), and array data through TensorStore (zarr, OCDBT); orbax
-contains no ``pickle`` and imports no name it finds in a folder (the handler name in
-``_CHECKPOINT_METADATA`` is only compared as a string, here and by ``CheckpointManager``
-against its registry of classes). A missing data file is an error, not zeros: Orbax stores
-chunks equal to the fill value too and restores with TensorStore's missing-chunk check on.
+target, every jax array onto the local CPU (NumPy arrays and scalars as saved). Verified in
+the orbax-checkpoint 0.12.8 source: a restore reads JSON (``json``/``simplejson``), the legacy
+aggregate file ``checkpoint`` with msgpack (Flax's array ext types), and array data through
+TensorStore (zarr, OCDBT); orbax contains no ``pickle`` and imports no name it finds in a
+folder (the handler name in ``_CHECKPOINT_METADATA`` is only compared as a string, here and by
+``CheckpointManager`` against its registry of classes). A missing data file is an error, not
+zeros: Orbax stores chunks equal to the fill value too and restores with TensorStore's
+missing-chunk check on.
 
 Writing rewrites the whole folder: the restored tree with the changed mean/variance leaves
 replaced by arrays of the same dtype, shape and sharding, saved by Orbax with the same handler
 (``StandardCheckpointHandler`` or ``PyTreeCheckpointHandler`` with the source's
 ``use_ocdbt``/``use_zarr3``) into a temporary sibling folder that is renamed into place
 (:func:`varshift.core.files.replacing_folder`). Every other leaf is the restored object itself,
-so values, dtypes and typed PRNG keys are kept; the files are not byte-identical (Orbax writes
+so values, dtypes (float64 too: restored and saved with jax's x64 mode on), NumPy or jax array
+type and typed PRNG keys are kept; the files are not byte-identical (Orbax writes
 new timestamps and data-file names). Optional extra ``orbax``.
 """
 
@@ -44,6 +46,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,15 +82,24 @@ def is_checkpoint(path: Path) -> bool:
     return (path / METADATA).is_file() or (path / STEP_METADATA).is_file()
 
 
+#: After a failed read, TensorStore callbacks still finishing in other threads raise "Event
+#: loop is closed" into ``sys.unraisablehook`` within milliseconds; :func:`_quiet` keeps its
+#: filter until none came for this long (seconds), at most ``_SETTLE_MAX``.
+_SETTLE, _SETTLE_MAX = 0.3, 2.0
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Orbax's absl log lines and warnings kept off stderr (varshift reports its own errors),
     and the "Event loop is closed" errors TensorStore callbacks raise after a failed read."""
     logger = logging.getLogger("absl")
     level, hook = logger.level, sys.unraisablehook
+    last = [time.monotonic()]
 
     def unraisable(info: Any) -> None:
-        if not (info.exc_type is RuntimeError and "Event loop is closed" in str(info.exc_value)):
+        if info.exc_type is RuntimeError and "Event loop is closed" in str(info.exc_value):
+            last[0] = time.monotonic()
+        else:
             hook(info)
 
     logger.setLevel(logging.CRITICAL)
@@ -96,6 +108,11 @@ def _quiet() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
+    except BaseException:  # wait for the stragglers: _SETTLE after the error and the last one
+        failed = time.monotonic()
+        while time.monotonic() < min(failed + _SETTLE_MAX, max(failed, last[0]) + _SETTLE):
+            time.sleep(0.02)
+        raise
     finally:
         logger.setLevel(level)
         sys.unraisablehook = hook
@@ -106,6 +123,12 @@ def _modules(doing: str) -> tuple[Any, Any]:
     with _quiet():
         ocp = EXTRA.load(doing)
         return ocp, EXTRA.load(doing, "jax")
+
+
+def _x64(jax: Any) -> Any:
+    """jax's 64-bit mode for one block (``jax.enable_x64``; ``jax.experimental`` before)."""
+    switch = getattr(jax, "enable_x64", None)
+    return switch(True) if switch is not None else jax.experimental.enable_x64()
 
 
 def _item_folder(path: Path) -> None:
@@ -138,9 +161,9 @@ def _restore(path: Path, ocp: Any, jax: Any) -> Any:
             )
 
         def restore_args(leaf: Any) -> Any:
-            if isinstance(leaf, array_metadata):
+            if isinstance(leaf, array_metadata) and leaf.sharding is not None:  # a jax.Array
                 return ocp.ArrayRestoreArgs(sharding=cpu)
-            return ocp.RestoreArgs()
+            return ocp.RestoreArgs()  # NumPy arrays and scalars as the type they were saved as
 
         return checkpointer.restore(where, restore_args=jax.tree.map(restore_args, tree))
 
@@ -193,7 +216,7 @@ def read(path: Path, fmt: str) -> BNStats:
     _item_folder(path)
     settings = _settings(path)
     try:
-        with _quiet():
+        with _quiet(), _x64(jax):  # float64 jax arrays stay float64
             tree = _restore(path, ocp, jax)
             flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     except InputFileError:
@@ -224,8 +247,9 @@ def _refuse_foreign(path: Path) -> None:
 
 
 def _replacements(stats: BNStats, jax: Any) -> dict[int, Any]:
-    """Leaf index → the new array of each mean/variance that changed (stored dtype, shape and
-    sharding; a NumPy array where jax would change the dtype, e.g. float64 without x64)."""
+    """Leaf index → the new array of each mean/variance that changed: the stored dtype and
+    shape, a jax array on the stored sharding for a jax leaf (NumPy if jax would change the
+    dtype), a NumPy array for a NumPy leaf."""
     assert stats.origin is not None
     leaves: list[Any] = stats.origin.data
     index: dict[str, int] = stats.origin.extra["index"]
@@ -268,12 +292,13 @@ def write(stats: BNStats, path: Path, fmt: str) -> None:
     ocp, jax = _modules("writing Orbax checkpoint folders")
     _refuse_foreign(path)
     leaves = list(stats.origin.data)
-    for i, array in _replacements(stats, jax).items():
-        leaves[i] = array
+    with _x64(jax):
+        for i, array in _replacements(stats, jax).items():
+            leaves[i] = array
     tree = stats.origin.extra["treedef"].unflatten(leaves)
     with replacing_folder(path) as tmp:
         try:
-            with _quiet():
+            with _quiet(), _x64(jax):
                 _save(tmp, tree, dict(stats.origin.extra), ocp)
         except Exception as exc:
             for partial in tmp.parent.glob(f"{tmp.name}.orbax-checkpoint-tmp*"):
