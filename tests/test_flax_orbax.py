@@ -234,6 +234,15 @@ def test_bad_folders_and_outputs_are_refused_in_one_line(
     for data in (cut / "d").iterdir():  # the data file the manifest points to
         data.unlink()
     assert "not a readable Orbax checkpoint" in refused("inspect", cut)
+    chunked = tmp_path / "chunked"  # a large array's chunk lives in a data file of its own
+    tree = {"bn": {"mean": np.zeros(4, np.float32), "var": np.ones(4, np.float32)}}
+    tree["kernel"] = np.arange(200_000, dtype=np.float32).reshape(400, 500)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(chunked.absolute(), tree)
+    largest = max((p for p in chunked.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    assert largest.stat().st_size > tree["kernel"].nbytes // 2
+    largest.unlink()  # read as an error, not as zeros
+    assert "truncated or corrupt" in refused("correct", chunked, "--rate", "0.2", "--dry-run")
     step = folders["step"]
     assert f"give its item folder ({step / 'default'})" in refused("inspect", step)
     source = folders["ckpt"]

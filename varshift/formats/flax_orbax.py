@@ -30,20 +30,24 @@ zeros: Orbax stores chunks equal to the fill value too and restores with TensorS
 missing-chunk check on.
 
 Writing rewrites the whole folder: the restored tree with the changed mean/variance leaves
-replaced by arrays of the same dtype, shape and sharding, saved by Orbax with the same handler
+replaced by arrays of the same dtype and shape, saved by Orbax with the same handler
 (``StandardCheckpointHandler`` or ``PyTreeCheckpointHandler`` with the source's
 ``use_ocdbt``/``use_zarr3``) into a temporary sibling folder that is renamed into place
 (:func:`varshift.core.files.replacing_folder`). Every other leaf is the restored object itself,
 so values, dtypes (float64 too: restored and saved with jax's x64 mode on), NumPy or jax array
 type and typed PRNG keys are kept; the files are not byte-identical (Orbax writes
-new timestamps and data-file names). Optional extra ``orbax``.
+new timestamps and data-file names), and the recorded sharding of every jax array is the
+local CPU it was restored onto (a restore with a target uses the target's sharding anyway).
+Optional extra ``orbax``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -88,16 +92,25 @@ def is_checkpoint(path: Path) -> bool:
 _SETTLE, _SETTLE_MAX = 0.3, 2.0
 
 
+def _stray(info: Any) -> bool:
+    """An orbax leftover after a failed read: a TensorStore callback on orbax's closed event
+    loop, or an orbax coroutine abandoned with its error."""
+    if info.exc_type is RuntimeError and "Event loop is closed" in str(info.exc_value):
+        return True
+    code = getattr(info.object, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Orbax's absl log lines and warnings kept off stderr (varshift reports its own errors),
-    and the "Event loop is closed" errors TensorStore callbacks raise after a failed read."""
+    and the leftovers of a failed read (:func:`_stray`) out of ``sys.unraisablehook``."""
     logger = logging.getLogger("absl")
     level, hook = logger.level, sys.unraisablehook
     last = [time.monotonic()]
 
     def unraisable(info: Any) -> None:
-        if info.exc_type is RuntimeError and "Event loop is closed" in str(info.exc_value):
+        if _stray(info):
             last[0] = time.monotonic()
         else:
             hook(info)
@@ -109,6 +122,7 @@ def _quiet() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     except BaseException:  # wait for the stragglers: _SETTLE after the error and the last one
+        gc.collect()  # orbax's abandoned coroutines, in reference cycles with their frames
         failed = time.monotonic()
         while time.monotonic() < min(failed + _SETTLE_MAX, max(failed, last[0]) + _SETTLE):
             time.sleep(0.02)
@@ -168,6 +182,12 @@ def _restore(path: Path, ocp: Any, jax: Any) -> Any:
         return checkpointer.restore(where, restore_args=jax.tree.map(restore_args, tree))
 
 
+def _reason(exc: BaseException) -> str:
+    """The first line of an orbax error without TensorStore's spec dump, at most 200 chars."""
+    text = first_line(exc).split(" See full TensorStore details", 1)[0]
+    return text if len(text) <= 200 else f"{text[:200]}..."
+
+
 def _key(path: tuple[Any, ...]) -> str:
     """A jax key path as ``/``-joined text (dict keys, sequence indices, attribute names)."""
     parts = []
@@ -215,16 +235,19 @@ def read(path: Path, fmt: str) -> BNStats:
     ocp, jax = _modules("reading Orbax checkpoint folders")
     _item_folder(path)
     settings = _settings(path)
-    try:
-        with _quiet(), _x64(jax):  # float64 jax arrays stay float64
+    with _quiet(), _x64(jax):  # float64 jax arrays stay float64
+        failure = None
+        try:
             tree = _restore(path, ocp, jax)
             flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    except InputFileError:
-        raise
-    except Exception as exc:  # orbax and TensorStore raise many types for a damaged folder
-        raise InputFileError(
-            f"{path}: not a readable Orbax checkpoint (truncated or corrupt?): {first_line(exc)}"
-        ) from None
+        except InputFileError:
+            raise
+        except Exception as exc:  # orbax and TensorStore raise many types for a damaged folder
+            failure = _reason(exc)
+        if failure is not None:  # raised outside the except: orbax's frames are freed in _quiet
+            raise InputFileError(
+                f"{path}: not a readable Orbax checkpoint (truncated or corrupt?): {failure}"
+            )
     leaves = {_key(key): leaf for key, leaf in flat}
     lookup = dict(tensor_keys(leaves))
     found = {key: leaves[f] for key, f in lookup.items()}
@@ -248,7 +271,7 @@ def _refuse_foreign(path: Path) -> None:
 
 def _replacements(stats: BNStats, jax: Any) -> dict[int, Any]:
     """Leaf index → the new array of each mean/variance that changed: the stored dtype and
-    shape, a jax array on the stored sharding for a jax leaf (NumPy if jax would change the
+    shape, a jax array on the restored leaf's sharding for a jax leaf (NumPy if jax would change the
     dtype), a NumPy array for a NumPy leaf."""
     assert stats.origin is not None
     leaves: list[Any] = stats.origin.data
@@ -296,14 +319,16 @@ def write(stats: BNStats, path: Path, fmt: str) -> None:
         for i, array in _replacements(stats, jax).items():
             leaves[i] = array
     tree = stats.origin.extra["treedef"].unflatten(leaves)
-    with replacing_folder(path) as tmp:
+    with replacing_folder(path) as tmp, _quiet(), _x64(jax):
+        failure = None
         try:
-            with _quiet(), _x64(jax):
-                _save(tmp, tree, dict(stats.origin.extra), ocp)
+            _save(tmp, tree, dict(stats.origin.extra), ocp)
         except Exception as exc:
+            failure = _reason(exc)
+        if failure is not None:
             for partial in tmp.parent.glob(f"{tmp.name}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
-            raise OutputFileError(f"{path}: Orbax could not write it: {first_line(exc)}") from None
+            raise OutputFileError(f"{path}: Orbax could not write it: {failure}")
         note = tmp / _COMMIT_NOTE
         if note.is_file():  # Orbax names the folder it committed: the temporary one
             note.write_text(f"Checkpoint commit was successful to {path.absolute()}")
