@@ -16,6 +16,7 @@ import pytest
 
 from varshift.core.errors import MissingDependencyError
 from varshift.formats import (
+    FOLDER_FORMATS,
     FORMATS,
     REGISTRY,
     BNLayer,
@@ -105,18 +106,37 @@ def keras_legacy_sample(path: Path) -> None:
         opt["iteration:0"] = np.int64(12)
 
 
+def orbax_sample(path: Path) -> None:
+    """An Orbax checkpoint folder of an NNX-like state: ``P/{mean,var,scale,bias}/value``."""
+    pytest.importorskip("jax")
+    ocp = pytest.importorskip("orbax.checkpoint")
+    block = {"scale": [1.0, 0.5, 2.0], "bias": [0.0, -0.5, 0.25]}
+    block |= {"mean": [0.5, -1.25, 3.0], "var": [2.0, 0.75, 1.5]}
+    tree = {
+        "block.bn": {k: {"value": np.asarray(v, np.float32)} for k, v in block.items()},
+        "head.bn": {"mean": {"value": np.float32([1, 2])}, "var": {"value": np.float32([4, 8])}},
+    }
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(path.absolute(), tree)
+
+
 #: Formats whose writer cannot create a file from :func:`two_layers`: how to make a sample.
 SAMPLES: dict[str, Callable[[Path], None]] = {
     "keras": keras_sample,
     "keras-archive": keras_archive_sample,
     "keras-legacy": keras_legacy_sample,
+    "orbax": orbax_sample,
 }
+
+#: Formats whose checkpoints are files (the byte-level and sniffing tests apply to them).
+FILE_FORMATS = tuple(name for name in FORMATS if name not in FOLDER_FORMATS)
 
 
 def extension(name: str) -> str:
-    """A file extension of the format: its own, else one it claims by content."""
+    """A file extension of the format: its own, else one it claims by content (none for a
+    folder format)."""
     record = REGISTRY[name]
-    return (record.extensions or record.claims)[0]
+    return (record.extensions or record.claims or ("",))[0]
 
 
 def sample(tmp_path: Path, name: str) -> Path:
@@ -173,10 +193,11 @@ def test_every_format_round_trips(tmp_path: Path, name: str) -> None:
     second = read_stats(again)
     assert second.format == name and second.framework == first.framework
     assert_same_layers(first, second)
-    assert again.read_bytes() == source.read_bytes()  # nothing changed, nothing rewritten
+    if name not in FOLDER_FORMATS:  # a folder is rewritten by its framework, not byte by byte
+        assert again.read_bytes() == source.read_bytes()  # nothing changed, nothing rewritten
 
 
-@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("name", FILE_FORMATS)
 def test_content_sniffing_recognises_each_format_and_no_other(tmp_path: Path, name: str) -> None:
     source = sample(tmp_path, name)
     head = source.read_bytes()[:16]
@@ -197,6 +218,12 @@ def test_a_missing_extra_is_explained(
     for module in [m for m in sys.modules if m.split(".")[0] == extra.module] or [extra.module]:
         monkeypatch.setitem(sys.modules, module, None)
     path = tmp_path / f"model{extension(name)}"
-    path.write_bytes(b"not read: the extra is missing")
+    if name in FOLDER_FORMATS:  # a folder its record recognises, holding nothing readable
+        path.mkdir()
+        for marker in ("_METADATA", "_CHECKPOINT_METADATA"):
+            (path / marker).write_bytes(b"not read: the extra is missing")
+        assert REGISTRY[name].folder is not None and REGISTRY[name].folder(path)
+    else:
+        path.write_bytes(b"not read: the extra is missing")
     with pytest.raises(MissingDependencyError, match=rf"pip install 'varshift\[{extra.name}\]'"):
         read_stats(path)

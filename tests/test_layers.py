@@ -112,6 +112,10 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
         frozenset({"flax"}),
         "the format record's name and extra, and the framework a Flax state file implies",
     ),
+    "formats/flax_orbax.py": (
+        frozenset({"flax"}),
+        "the framework an Orbax checkpoint of a Flax state implies",
+    ),
     "frameworks/keras/structure.py": (
         frozenset({"linear"}),
         "Keras' activation name 'linear' (the identity), mapped to the structure's names",

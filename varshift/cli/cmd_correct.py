@@ -36,7 +36,8 @@ class Target(StrEnum):
 FILE_HELP = (
     "Checkpoint or statistics file: .pt/.pth (PyTorch state dict or training checkpoint), "
     ".weights.h5 (Keras 3), .keras (Keras archive), legacy Keras .h5 (model.save), "
-    ".msgpack (Flax state), .safetensors, .npz, .csv/.tsv, .json; for correct also a "
+    ".msgpack (Flax state), an Orbax checkpoint folder, .safetensors, .npz, .csv/.tsv, .json; "
+    "for correct also a "
     "torch.export archive .pt2 (its own structure)."
 )
 

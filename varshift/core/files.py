@@ -27,6 +27,7 @@ __all__ = [
     "refuse_existing",
     "remove_stale_temps",
     "replacing",
+    "replacing_folder",
     "same_file",
     "temp_name",
     "write_unchanged_or_new",
@@ -49,6 +50,24 @@ def refuse_existing(path: Path, *, force: bool, option: str | None = None) -> No
         raise OutputFileError(
             f"{_label(path, option)}: already exists; pass force=True to overwrite it"
         )
+
+
+def refuse_existing_folder(path: Path, *, force: bool, option: str | None = None) -> None:
+    """Raise :class:`OutputFileError` if the output folder ``path`` is a file, or exists and
+    ``force`` is off."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputFileError(f"{_label(path, option)}: is a file; this output is a folder")
+    if path.exists() and not force:
+        raise OutputFileError(
+            f"{_label(path, option)}: already exists; pass force=True to overwrite it"
+        )
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies inside ``folder`` (real paths; ``folder`` itself is not inside)."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -111,16 +130,20 @@ class OutputPlan:
         self.force = force
         self.outputs: list[tuple[Path, str | None]] = []
 
-    def add(self, path: Path, option: str | None = None, *, replace: bool = False) -> Path:
+    def add(
+        self, path: Path, option: str | None = None, *, replace: bool = False, folder: bool = False
+    ) -> Path:
         """Check ``path`` and plan it; return it.
 
         ``replace`` skips the existence check for an output whose existing copy the command
-        compares itself (:func:`write_unchanged_or_new`).
+        compares itself (:func:`write_unchanged_or_new`). ``folder``: the output is a folder
+        (:func:`replacing_folder`), which must not contain an input.
 
         Raises
         ------
         OutputFileError
-            ``path`` is an input, is already planned, is a folder, or exists without ``force``.
+            ``path`` is an input, lies inside an input folder, is already planned, is a folder
+            (a file when ``folder``), or exists without ``force``.
         """
         path = Path(path)
         label = _label(path, option)
@@ -131,6 +154,7 @@ class OutputPlan:
                     f"{label}: is the input file{which}; varshift never modifies its input, "
                     "choose another output"
                 )
+            _refuse_nested(path, source, label, folder)
         for other, other_option in self.outputs:
             if same_file(path, other):
                 raise OutputFileError(
@@ -141,6 +165,8 @@ class OutputPlan:
         if replace:
             if path.is_dir():
                 raise OutputFileError(f"{label}: is a folder; expected a file name")
+        elif folder:
+            refuse_existing_folder(path, force=self.force, option=option)
         else:
             refuse_existing(path, force=self.force, option=option)
         _check_writable_folder(path, label)
@@ -156,6 +182,20 @@ class OutputPlan:
     def add_all(self, paths: Sequence[Path], option: str | None = None) -> list[Path]:
         """:meth:`add` each of ``paths``."""
         return [self.add(p, option) for p in paths]
+
+
+def _refuse_nested(path: Path, source: Path, label: str, folder: bool) -> None:
+    """Refuse an output inside an input folder, and an output folder holding an input."""
+    if source.is_dir() and inside(path, source):
+        raise OutputFileError(
+            f"{label}: is inside the input folder {source}; varshift never modifies its input, "
+            "choose an output outside it"
+        )
+    if folder and inside(source, path):
+        raise OutputFileError(
+            f"{label}: contains the input {source}; varshift never modifies its input, choose "
+            "another output folder"
+        )
 
 
 #: Temporary files are named ``.<name>.varshift-tmp-<pid>`` next to their target, so a kill
@@ -190,7 +230,10 @@ def remove_stale_temps(path: Path) -> list[Path]:
     for tmp in folder.glob(f".{glob.escape(path.name)}{TMP_MARK}*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():  # a folder output's (replacing_folder)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
@@ -276,6 +319,85 @@ def replacing(path: Path) -> Iterator[Path]:
         raise
     finally:  # exclusivity applies to the one write the plan announced
         _EXCLUSIVE.discard(str(path.absolute()))
+
+
+@contextmanager
+def replacing_folder(path: Path) -> Iterator[Path]:
+    """A temporary sibling folder path that becomes the folder ``path`` when the block succeeds.
+
+    The block creates the folder at the yielded path (:func:`temp_name`: ``.<name>.varshift-
+    tmp-<pid>``, which does not exist yet); on success every file in it is fsynced and it is
+    renamed into place. A folder cannot be hard-linked, so a new output (planned without
+    ``force``) is renamed onto a path that does not exist: the rename fails if another process
+    created a non-empty folder there meanwhile (an empty one is replaced: nothing is lost). An
+    existing folder (``force``) is first renamed aside to ``.<name>.varshift-old-<pid>``, the
+    new one renamed into place, then the old one removed; if the second rename fails the old
+    folder is put back. Only a kill between the two renames leaves ``path`` missing, with the
+    old folder intact under that name. On any error the temporary folder is removed.
+
+    Raises
+    ------
+    OutputFileError
+        The folder cannot be written, the disk is full, or ``path`` was planned as new and
+        another process created it.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    tmp = temp_name(path)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputFileError(f"{parent}: cannot write here ({exc.strerror})") from None
+    try:
+        try:
+            yield tmp
+            if not tmp.is_dir():
+                raise OutputFileError(f"{path}: the folder was not written")
+            _commit_folder(tmp, path)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _EXCLUSIVE.discard(str(path.absolute()))
+
+
+def _commit_folder(tmp: Path, path: Path) -> None:
+    """fsync the files of ``tmp`` and rename it to ``path`` (see :func:`replacing_folder`)."""
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    if str(path.absolute()) in _EXCLUSIVE or not path.exists():
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise OutputFileError(
+                    f"{path}: was created by another process while varshift wrote it; pass "
+                    "force=True to overwrite it"
+                ) from None
+            raise
+    else:
+        old = path.with_name(f".{path.name}.varshift-old-{os.getpid()}")
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def atomic_write(path: Path, data: str | bytes, *, force: bool = False) -> Path:

@@ -16,6 +16,7 @@ safetensors   ``.safetensors``            :mod:`varshift.formats.safetensors_fil
 torch         ``.pt``, ``.pth``           :mod:`varshift.formats.torch_pt`
 keras         ``.weights.h5``, ``.h5``    :mod:`varshift.formats.keras_h5`
 flax          ``.msgpack``                :mod:`varshift.formats.flax_msgpack`
+orbax         a folder with ``_METADATA``  :mod:`varshift.formats.flax_orbax`
 ============  ==========================  ==============================================
 
 Files with another extension (``.ckpt``, ``.bin``, ``.tar``) are recognised by their content.
@@ -23,15 +24,18 @@ Layouts follow ``shared/reference/frameworks.md`` §6. :mod:`varshift.formats.re
 how to add a format.
 
 Safety: ``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)`` and plain msgpack
-only, so a file cannot run code when it is read; inputs are never modified; outputs go to a
-temporary file in the target folder and are renamed into place. Optional packages (torch,
-h5py, safetensors, msgpack) are imported only when a file that needs them is read or written.
+only, so a file cannot run code when it is read (an Orbax folder: JSON, msgpack and
+TensorStore data through orbax-checkpoint, no pickle); inputs are never modified; outputs go
+to a temporary file (or folder) in the target folder and are renamed into place. Optional
+packages (torch, h5py, safetensors, msgpack, orbax-checkpoint with jax) are imported only when
+a file that needs them is read or written.
 """
 
 from __future__ import annotations
 
 from varshift.formats.base import BNLayer, BNStats, Extra, FloatArray, Format
 from varshift.formats.registry import (
+    FOLDER_FORMATS,
     FORMATS,
     MAX_INPUT_BYTES,
     REGISTRY,
@@ -45,6 +49,7 @@ from varshift.formats.registry import (
 )
 
 __all__ = [
+    "FOLDER_FORMATS",
     "FORMATS",
     "MAX_INPUT_BYTES",
     "REGISTRY",

@@ -169,6 +169,8 @@ Reader = Callable[[Path, str], BNStats]
 Writer = Callable[[BNStats, Path, str], None]
 #: ``sniff(first 16 bytes, path)``: whether the content is this format.
 Sniffer = Callable[[bytes, Path], bool]
+#: ``folder(path)``: whether an existing folder is a checkpoint of this format.
+FolderSniffer = Callable[[Path], bool]
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,9 @@ class Format:
     claims:
         Extensions of *another* format that this one takes over when its :attr:`sniff`
         recognises the content (a legacy Keras ``model.h5`` among Keras 3 ``.h5`` files).
+    folder:
+        For a format whose checkpoints are folders (Orbax): recognises one; its writer
+        writes a folder. ``None`` for file formats.
     """
 
     name: str
@@ -206,6 +211,7 @@ class Format:
     framework: str | None = None
     extra: Extra | None = None
     claims: tuple[str, ...] = ()
+    folder: FolderSniffer | None = None
 
 
 # --- helpers shared by the readers and writers ----------------------------------------------

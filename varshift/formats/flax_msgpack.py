@@ -17,11 +17,11 @@ same length, so every other byte of the file stays as it was. Optional extra ``f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -41,6 +41,8 @@ from varshift.formats.base import (
 from varshift.formats.tensors import Converted, layers_from_tensors
 
 EXTRA = Extra("flax", "msgpack", "msgpack")
+
+T = TypeVar("T")
 
 #: flax.serialization._MsgpackExtType: ndarray = 1, npscalar = 3.
 _NDARRAY, _NPSCALAR = 1, 3
@@ -123,8 +125,9 @@ def _encode(array: np.ndarray, msgpack: Any, code: int) -> Any:
     return msgpack.ExtType(code, payload)
 
 
-def _tensor_keys(leaves: dict[str, Leaf]) -> Iterator[tuple[str, str]]:
-    """``(lookup key, file key)``: a trailing ``/value`` (older ``nnx.State`` dicts) dropped."""
+def tensor_keys(leaves: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """``(lookup key, file key)``: a trailing ``/value`` (``nnx.State`` trees, older ``nnx.State``
+    dicts) dropped."""
     for key in leaves:
         yield (key[: -len("/value")] if key.endswith("/value") else key), key
 
@@ -134,7 +137,7 @@ def read(path: Path, fmt: str) -> BNStats:
     msgpack = EXTRA.load("reading .msgpack files")
     data = path.read_bytes()
     leaves = _leaves(data, path, msgpack)
-    lookup = dict(_tensor_keys(leaves))
+    lookup = dict(tensor_keys(leaves))
     found = {key: leaves[f] for key, f in lookup.items()}  # decoded only when a layer needs it
 
     def convert(leaf: Leaf) -> Converted:
@@ -142,14 +145,12 @@ def read(path: Path, fmt: str) -> BNStats:
         return arr.astype(np.float64).reshape(-1), tuple(arr.shape), str(arr.dtype)
 
     layers, _ = layers_from_tensors(found, str(path), convert)
-    layers = {
-        k: _with_file_keys(_linen_affine(v, found, convert), lookup) for k, v in layers.items()
-    }
+    layers = {k: with_file_keys(linen_affine(v, found, convert), lookup) for k, v in layers.items()}
     return make_stats(layers, fmt, path, "flax", Origin(data, {"leaves": leaves}))
 
 
-def _linen_affine(
-    layer: BNLayer, found: dict[str, Leaf], convert: Callable[[Leaf], Converted]
+def linen_affine(
+    layer: BNLayer, found: Mapping[str, T], convert: Callable[[T], Converted]
 ) -> BNLayer:
     """A Linen layer ``batch_stats/P`` takes its scale and bias from ``params/P``."""
     if not layer.name.startswith("batch_stats/") or layer.scale is not None:
@@ -166,7 +167,7 @@ def _linen_affine(
     return replace(layer, keys=MappingProxyType(keys), **affine)
 
 
-def _with_file_keys(layer: BNLayer, lookup: dict[str, str]) -> BNLayer:
+def with_file_keys(layer: BNLayer, lookup: Mapping[str, str]) -> BNLayer:
     """The layer's keys as the file spells them (``bn1/mean/value`` for older State dicts)."""
     keys = {role: lookup.get(key, key) for role, key in layer.keys.items()}
     return replace(layer, keys=MappingProxyType(keys))

@@ -15,6 +15,9 @@ How to add a format
    packages inside ``read``/``write`` through ``EXTRA.load``, never at module level).
 2. Add its ``FORMAT`` to ``_RECORDS`` below (the order is the order of :data:`FORMATS`, of
    sniffing and of the extensions listed in messages).
+   A format whose checkpoints are folders (Orbax) has no extensions and a ``folder``
+   recogniser instead; its writer builds the folder in
+   :func:`varshift.core.files.replacing_folder`.
 3. Add the extra to ``[project.optional-dependencies]`` in ``pyproject.toml`` if it needs one.
    ``tests/test_formats_registry.py`` then round-trips the new format automatically (a format
    that cannot write a file from in-memory statistics gives that test a sample file).
@@ -32,6 +35,7 @@ from varshift.core.errors import InputFileError
 from varshift.core.files import OutputPlan
 from varshift.formats import (
     flax_msgpack,
+    flax_orbax,
     json_stats,
     keras_archive,
     keras_h5,
@@ -54,6 +58,7 @@ _RECORDS: tuple[Format, ...] = (
     keras_archive.FORMAT,
     keras_legacy_h5.FORMAT,
     flax_msgpack.FORMAT,
+    flax_orbax.FORMAT,
 )
 
 #: Format name → its record, in registry order.
@@ -61,6 +66,9 @@ REGISTRY: MappingProxyType[str, Format] = MappingProxyType({f.name: f for f in _
 
 #: Every format a reader exists for.
 FORMATS: tuple[str, ...] = tuple(REGISTRY)
+
+#: The formats whose checkpoints are folders (:attr:`Format.folder`).
+FOLDER_FORMATS: tuple[str, ...] = tuple(f.name for f in _RECORDS if f.folder is not None)
 
 _EXTENSIONS: dict[str, str] = {ext: f.name for f in _RECORDS for ext in f.extensions}
 
@@ -108,10 +116,14 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """The format of an existing file: from its extension (unless a format that claims the
     extension recognises the content), else from its first bytes.
 
+    A folder is a checkpoint of the format whose :attr:`Format.folder` recognises it (an Orbax
+    checkpoint folder).
+
     Raises
     ------
     InputFileError
-        If neither the extension nor the content identifies one of :data:`FORMATS`.
+        If neither the extension nor the content identifies one of :data:`FORMATS`; a folder
+        no format recognises.
 
     Examples
     --------
@@ -119,6 +131,11 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     'keras'
     """
     p = Path(path)
+    if p.is_dir():
+        record = folder_format(p)
+        if record is None:
+            raise InputFileError(f"{p}: is a folder; expected a file")
+        return record.name
     fmt = format_from_extension(p)
     head = b""
     if p.is_file():
@@ -145,6 +162,36 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 #: The largest statistics file varshift reads (bytes); BN statistics of real models are far
 #: smaller (a ResNet-50 checkpoint is ~100 MB), so a larger file is refused before it is read.
 MAX_INPUT_BYTES = 4 * 2**30
+
+
+def folder_format(path: Path) -> Format | None:
+    """The record of the folder format that recognises the folder ``path``, else ``None``."""
+    if not path.is_dir():
+        return None
+    return next((f for f in _RECORDS if f.folder is not None and f.folder(path)), None)
+
+
+def check_input_folder(path: Path, *, limit: int = MAX_INPUT_BYTES) -> None:
+    """Refuse a checkpoint folder whose regular files hold more than ``limit`` bytes in all.
+
+    Raises
+    ------
+    InputFileError
+        A file in it cannot be read, or the folder is larger than ``limit``.
+    """
+    total = 0
+    try:
+        for root, _, files in os.walk(path):
+            for name in files:
+                info = os.lstat(os.path.join(root, name))
+                total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read it ({exc.strerror})") from None
+    if total > limit:
+        raise InputFileError(
+            f"{path}: {total:,} bytes is larger than the {limit:,}-byte limit for a "
+            "checkpoint folder"
+        )
 
 
 def check_input_file(path: Path, *, limit: int = MAX_INPUT_BYTES) -> None:
@@ -185,7 +232,7 @@ def read_stats(path: str | os.PathLike[str], fmt: str | None = None) -> BNStats:
     Parameters
     ----------
     path:
-        The file; it is only read, never modified.
+        The file, or a checkpoint folder (Orbax); it is only read, never modified.
     fmt:
         One of :data:`FORMATS`; ``None`` detects it (:func:`detect_format`).
 
@@ -206,8 +253,12 @@ def read_stats(path: str | os.PathLike[str], fmt: str | None = None) -> BNStats:
         The optional extra the format needs is not installed.
     """
     p = Path(path)
-    check_input_file(p)
-    record = get_format(detect_format(p) if fmt is None else fmt)
+    record = folder_format(p)
+    if record is not None and fmt in (None, record.name):
+        check_input_folder(p)
+    else:
+        check_input_file(p)
+        record = get_format(detect_format(p) if fmt is None else fmt)
     stats = record.read(p, record.name)
     if record.framework is not None:
         stats = replace(stats, framework=record.framework)
@@ -229,7 +280,8 @@ def write_stats(
         Usually a :class:`BNStats` from :func:`read_stats` whose layers were replaced
         (:meth:`BNStats.with_layers`).
     path:
-        The output; written to a temporary file in its folder, then renamed into place.
+        The output; written to a temporary file in its folder, then renamed into place (a
+        folder format's output: a temporary folder, :func:`varshift.core.files.replacing_folder`).
     fmt:
         One of :data:`FORMATS`; ``None`` takes it from the extension (the input's format when
         that format claims the extension: a legacy Keras ``.h5``), else the input's format.
@@ -253,8 +305,8 @@ def write_stats(
     """
     out = Path(path)
     name = get_format(fmt).name if fmt is not None else output_format(out, stats.format)
-    # The one output check (core.files): not the input (also through a link), not a folder,
-    # no overwrite without force.
-    OutputPlan([stats.source], force=force).add(out)
+    # The one output check (core.files): not the input (also through a link), not inside an
+    # input folder, not a folder (a file, for a folder format), no overwrite without force.
+    OutputPlan([stats.source], force=force).add(out, folder=name in FOLDER_FORMATS)
     REGISTRY[name].write(stats, out, name)
     return out

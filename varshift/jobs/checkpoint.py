@@ -18,7 +18,7 @@ from varshift.core.dropout import DEFAULT_KIND, KINDS
 from varshift.core.errors import InputFileError, ValidationError
 from varshift.core.files import OutputPlan
 from varshift.core.presets import DEFAULT_FRAMEWORK, Preset, resolve_preset
-from varshift.formats import BNStats, output_format, read_stats, write_stats
+from varshift.formats import FOLDER_FORMATS, BNStats, output_format, read_stats, write_stats
 from varshift.jobs._meta import run_metadata
 from varshift.jobs.correct import (
     UNKNOWN_WARNING,
@@ -238,7 +238,7 @@ def correct_file(job: CorrectJob, plan: OutputPlan | None = None) -> CorrectResu
     fmt = stats.format
     if job.output is not None:
         fmt = output_format(job.output, stats.format)
-        plan_outputs(job, plan or OutputPlan([job.file], force=job.force))
+        plan_outputs(job, plan or OutputPlan([job.file], force=job.force), fmt)
     correction = correct_stats(stats, config)
     written: tuple[Path, ...] = ()
     if job.output is not None:
@@ -250,13 +250,14 @@ def correct_file(job: CorrectJob, plan: OutputPlan | None = None) -> CorrectResu
     return CorrectResult(job, config, correction, fmt, written, notes, meta)
 
 
-def plan_outputs(job: CorrectJob, plan: OutputPlan) -> None:
-    """Check the output and the report against the input and existing files."""
+def plan_outputs(job: CorrectJob, plan: OutputPlan, fmt: str | None = None) -> None:
+    """Check the output and the report against the input and existing files; ``fmt``: the
+    output's format (a folder format's output is planned as a folder)."""
     assert job.output is not None
     report = job.report
     if report is not None and report.suffix.lower().lstrip(".") not in REPORT_FORMATS:
         raise ValidationError(f"--report must end in .json, .csv or .md; got {report.name!r}")
-    plan.add(job.output)
+    plan.add(job.output, folder=fmt in FOLDER_FORMATS)
     if report is not None:
         plan.add(report)
 
