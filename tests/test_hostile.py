@@ -95,6 +95,38 @@ def test_hostile_files_are_one_line_refusals(corpus: dict[str, Path], name: str,
     assert snapshot(corpus) == before
 
 
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        ("object.npy", "got dtype object"),
+        ("structured.npy", "got dtype structured"),
+        ("string.npy", "got dtype <U1"),
+        ("complex.npy", "got dtype complex128"),
+        ("huge_header.npy", "declares shape (1000000000000,) (1,000,000,000,000 values); at most"),
+        ("short.npy", "declares shape (1000, 4) (32,000 bytes) but holds 64 bytes"),
+    ],
+)
+def test_npy_headers_are_checked_before_loading(
+    corpus: dict[str, Path], name: str, rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    def no_load(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("np.load reached: the header was not checked first")
+
+    monkeypatch.setattr(np, "load", no_load)
+    before = snapshot(corpus)
+    result = run("simulate", "--input", corpus[name], "--epochs", "1", "--no-report")
+    assert_refused(result, name, rule)
+    assert snapshot(corpus) == before
+
+
+def test_good_npy_activations_still_load(corpus: dict[str, Path]) -> None:
+    args = ["simulate", "--input", corpus["activations.npy"], "--batch-size", "16"]
+    result = run(*args, "--epochs", "1", "--no-report", "-f", "csv")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_a_wide_header_is_not_echoed(corpus: dict[str, Path]) -> None:
     result = run("inspect", corpus["wide_header.csv"])
     assert_refused(result, "missing column", "30,000 columns")
@@ -149,6 +181,16 @@ def test_batch_size_one_is_refused_not_clipped(corpus: dict[str, Path], tmp_path
         (["simulate", "-o", "."], ["."]),
         (["simulate", "-o", ""], ["not a file name"]),
         (["suite", "--stem", "../escape"], ["--stem", "../escape"]),
+        (["sweep", "--seed", "-1"], ["seed", "got -1"]),
+        (["sweep", "--simulate", "--seed", "-1"], ["seed", "got -1"]),
+        # 9 points × 100,000 steps × batch 256 × 1,000 reps = 2.304e11 values of work
+        (
+            [
+                *["sweep", "--rate", "0.1:0.9:0.1", "--simulate", "--steps", "100000"],
+                *["--reps", "1000", "--batch-size", "256"],
+            ],
+            ["2.3e+11", "at most 1e+11", "--force"],
+        ),
     ],
 )
 def test_bad_values_are_one_line_refusals_before_any_work(

@@ -121,7 +121,10 @@ def sweep(  # long: 23 of its 42 lines hand the options to axes_config, one per 
     ] = None,
     force: Annotated[
         bool,
-        typer.Option(help=f"Overwrite outputs; allow grids of more than {MAX_POINTS} points."),
+        typer.Option(
+            help=f"Overwrite outputs; allow grids of more than {MAX_POINTS} points and "
+            "simulated sweeps of more than 1e11 values of work (steps × batch × row, summed)."
+        ),
     ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing but the results.")
