@@ -246,6 +246,61 @@ def test_a_full_disk_names_the_path_and_the_free_space(
     assert [p.name for p in tmp_path.iterdir()] == ["s.csv"]  # no temporary file left
 
 
+def _unshare_tmpfs() -> list[str] | None:
+    """The ``unshare`` prefix that gives a private mount namespace in which this user may mount
+    a tmpfs (a user namespace when not root), or None where the system does not allow it."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None or not hasattr(os, "geteuid"):
+        return None
+    prefix = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user"]
+    prefix += [] if os.geteuid() == 0 else ["--map-root-user", "--mount"]
+    probe = subprocess.run(
+        [*prefix, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null && echo ok"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return prefix if probe.stdout.strip() == "ok" else None
+
+
+def test_a_real_full_disk_writes_nothing(tmp_path: Path) -> None:
+    """A real ENOSPC: the outputs go to a 1 MiB tmpfs mounted in a private mount namespace
+    (``unshare``; no root needed where user namespaces are enabled), the corrected file is
+    ~1.5 MB. One line naming the path and the free space, exit 2, the tmpfs left empty."""
+    import subprocess
+    import sys
+
+    prefix = _unshare_tmpfs()
+    if prefix is None:
+        pytest.skip("no private mount namespace with tmpfs here (unshare or user namespaces)")
+    stats = tmp_path / "s.csv"
+    rows = "".join(f"bn,{i},0.5,2.5,500\n" for i in range(60_000))
+    stats.write_text("layer,channel,mean,var,count\n" + rows)
+    small = tmp_path / "small"
+    small.mkdir()
+    err = tmp_path / "err.txt"
+    script = (
+        'mount -t tmpfs -o size=1m tmpfs "$1" || exit 99; '
+        '"$2" -m varshift correct "$3" --rate 0.2 -o "$1/o.csv" 2>"$4"; echo "rc=$?"; ls -A "$1"'
+    )
+    done = subprocess.run(
+        [*prefix, "sh", "-c", script, "sh", small, sys.executable, stats, err],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    lines = done.stdout.split()
+    assert lines and lines[0] == "rc=2", (done.stdout, done.stderr, err.read_text())
+    assert lines[1:] == []  # nothing on the full disk: no output, no report, no temporary file
+    text = err.read_text()
+    assert text.startswith("varshift: error: ") and text.count("\n") == 1, text
+    assert f"{small}/o.csv: the disk is full (" in text and "bytes free in" in text, text
+    assert stats.read_text().count("\n") == 60_001
+
+
 def test_stale_temporary_files_are_removed_by_the_next_run(tmp_path: Path) -> None:
     from varshift.core.files import temp_name
 
