@@ -121,6 +121,17 @@ def test_npy_headers_are_checked_before_loading(
     assert snapshot(corpus) == before
 
 
+@pytest.mark.parametrize("name", ["huge_header.npy", "huge_header.npz", "object.npy"])
+def test_model_data_headers_are_checked_before_loading(
+    corpus: dict[str, Path], torch_files: dict[str, Path], name: str
+) -> None:
+    if not torch_files:
+        pytest.skip("needs torch and scikit-learn")
+    args = [torch_files["net.pt"], "--model", "tests._digits:stacked_net", "--data", corpus[name]]
+    rule = "got dtype object" if name == "object.npy" else "declares shape (1000000000000,)"
+    assert_refused(run("diagnose", *args), name, rule)
+
+
 def test_good_npy_activations_still_load(corpus: dict[str, Path]) -> None:
     args = ["simulate", "--input", corpus["activations.npy"], "--batch-size", "16"]
     result = run(*args, "--epochs", "1", "--no-report", "-f", "csv")
@@ -421,3 +432,108 @@ def test_clipping_is_reported_even_with_quiet(tmp_path: Path) -> None:
     result = run("correct", stats, "--rate", "0.2", "-o", out, "--quiet", "--no-report")
     assert result.exit_code == 0, result.stderr
     assert "warning" in result.stderr and "clipped" in result.stderr, result.stderr
+
+
+# --- the property test, continued: sweep, suite, diagnose, recalibrate ---------------------
+
+MORE_VALUES = [*NUMBERS, "x", "../escape", "single-pass", "topological", "0.1:0.9:0.4"]
+MORE_OPTIONS: dict[str, list[str]] = {
+    "sweep": ["--rate", "--mean", "--var", "--batch-size", "--seed", "--steps", "--reps"],
+    "suite": ["--seed"],  # --stem: a regression case above; --workers spawns processes
+    "diagnose": ["--batch-size", "--input-key", "--label-key", "--device"],
+    "recalibrate": ["--batch-size", "--input-key", "--method", "--device"],
+}
+MORE_OPTIONS["sweep"] += ["--momentum", "--seeds"]
+
+
+def _natural(text: str) -> bool:
+    """Whether ``text`` is a valid seed (an integer >= 0, "-0" included)."""
+    return text.lstrip("-").isdigit() and int(text) >= 0
+
+
+@pytest.fixture(scope="module")
+def torch_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An (untrained, seeded) stacked net's checkpoint and the digits data, or nothing."""
+    try:
+        import numpy as np
+        import torch
+
+        from tests._digits import digits, stacked_net
+    except ImportError:  # pragma: no cover - torch or sklearn missing
+        return {}
+    root = tmp_path_factory.mktemp("nets")
+    torch.manual_seed(0)
+    torch.save(stacked_net().state_dict(), root / "net.pt")
+    x, y = digits()
+    np.savez(root / "digits.npz", x=x.numpy(), y=y.numpy())
+    return {"net.pt": root / "net.pt", "digits.npz": root / "digits.npz"}
+
+
+@st.composite
+def more_command_lines(
+    draw: st.DrawFn, names: list[str], torch_names: list[str]
+) -> tuple[list[str], list[str]]:
+    """``(args, output names)`` for sweep, suite, diagnose and recalibrate."""
+    commands = ["sweep", "suite", *(["diagnose", "recalibrate"] if torch_names else [])]
+    command = draw(st.sampled_from(commands))
+    args: list[str] = [command]
+    inputs: list[str] = []
+    if command in ("diagnose", "recalibrate"):
+        # the good files half of the time, else any file of the corpus
+        good = draw(st.booleans())
+        checkpoint = draw(st.just("net.pt") if good else st.sampled_from(names))
+        data = draw(st.just("digits.npz") if draw(st.booleans()) else st.sampled_from(names))
+        args += [checkpoint, "--model", "tests._digits:stacked_net", "--data", data]
+        args += ["--max-batches", "2", *(["--no-dropout-on"] if command == "diagnose" else [])]
+        inputs = [checkpoint, data]
+    if command == "suite":
+        args += ["--quick", "--report-dir", "@reports"]
+    if command == "sweep" and draw(st.booleans()):
+        args += ["--simulate", "--steps", "20", "--reps", "4"]
+    # suite gets a bad --seed: a whole valid suite run takes seconds (tests/test_suite.py runs it)
+    least = 1 if command == "suite" else 0
+    values = [v for v in MORE_VALUES if command != "suite" or not _natural(v)]
+    options = [o for o in MORE_OPTIONS[command] if o not in args]  # each given once
+    drawn = st.lists(st.sampled_from(options), min_size=least, max_size=3, unique=True)
+    for option in draw(drawn):
+        args += [option, draw(st.sampled_from(values))]
+    outputs: list[str] = []
+    if command != "suite" and (command == "recalibrate" or draw(st.booleans())):
+        target = draw(st.sampled_from(["@new.pt", "@new.json", "@new.csv", *inputs]))
+        args += ["-o", target]
+        outputs.append(target)
+    if draw(st.booleans()):
+        args.append("--force")
+    return args, outputs
+
+
+@settings(settings.get_profile(PROFILE), max_examples=24 if PROFILE == "fast" else 600)
+@given(data=st.data())
+def test_property_sweep_suite_diagnose_recalibrate(
+    corpus: dict[str, Path],
+    torch_files: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    data: st.DataObject,
+) -> None:
+    files = {**corpus, **torch_files}
+    args, _ = data.draw(more_command_lines(sorted(corpus), sorted(torch_files)))
+    out_dir = tmp_path_factory.mktemp("out")
+    argv = [
+        str(files[a]) if a in files else (str(out_dir / a[1:]) if a.startswith("@") else a)
+        for a in args
+    ]
+    before = snapshot(files)
+    result = runner.invoke(app, argv)
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        argv,
+        repr(result.exception),
+    )
+    assert result.exit_code in (0, 2), (argv, result.exit_code, result.stderr)
+    if result.exit_code == 2:
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("varshift"), (
+            argv,
+            result.stderr,
+        )
+        assert list(out_dir.iterdir()) == [], (argv, result.stderr)
+    assert snapshot(files) == before, argv
+    assert not [p for p in out_dir.rglob("*") if "varshift-tmp" in p.name]

@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 
 from varshift.core.dropout import InputMoments
 from varshift.core.errors import InputFileError
+from varshift.core.npy import header_problem
 from varshift.core.validate import MAX_ELEMENTS
 
 FloatArray = NDArray[np.float64]
@@ -115,44 +116,6 @@ def load_activations(path: str | Path) -> FloatArray:
     return out
 
 
-def _check_npy_header(p: Path) -> None:
-    """Refuse, from the header alone and before anything is allocated, a ``.npy`` file whose
-    dtype is not numbers (object, structured, string, complex, dates), whose shape holds more
-    than :data:`~varshift.core.validate.MAX_ELEMENTS` values, or that declares more data than
-    the file holds (``np.load`` allocates the declared shape before reading)."""
-    try:
-        with p.open("rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            reader = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, dtype = reader(fh)
-            offset = fh.tell()
-    except (ValueError, OSError, SyntaxError) as exc:
-        raise InputFileError(f"{p}: is not a valid .npy file ({first_line(exc)})") from None
-    if dtype.fields is not None or dtype.kind not in "fiub":
-        what = "structured" if dtype.fields is not None else str(dtype)
-        raise InputFileError(f"{p}: must hold real numbers (float or int); got dtype {what}")
-    count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        raise InputFileError(
-            f"{p}: declares shape {shape} ({count:,} values); at most {MAX_ELEMENTS:,} values"
-        )
-    size = p.stat().st_size - offset
-    if count * dtype.itemsize > size:
-        raise InputFileError(
-            f"{p}: declares shape {shape} ({count * dtype.itemsize:,} bytes) but holds "
-            f"{size:,} bytes (corrupt or forged file)"
-        )
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (numpy's header errors span several)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _read_npy(p: Path) -> NDArray[np.generic]:
     """A numeric ``.npy`` array, read without unpickling, its header checked first."""
     try:
@@ -160,7 +123,10 @@ def _read_npy(p: Path) -> NDArray[np.generic]:
             magic = fh.read(6)
         if magic != b"\x93NUMPY":
             raise InputFileError(f"{p}: is not a valid .npy file")
-        _check_npy_header(p)
+        with p.open("rb") as fh:  # before np.load allocates what the header declares
+            problem = header_problem(fh, p.stat().st_size, max_values=MAX_ELEMENTS)
+        if problem:
+            raise InputFileError(f"{p}: {problem}")
         arr = np.load(p, allow_pickle=False)
     except ValueError as exc:
         why = "holds pickled objects" if "pickle" in str(exc) else "is not a valid .npy file"
