@@ -302,3 +302,25 @@ def test_simulate_html_rerun_is_unchanged(tmp_path: Path) -> None:
     code, _, err = run(*args, "--seed", "3")
     assert code == 2 and f"--html {page}: already exists; pass --force" in err
     assert page.read_bytes() == before
+
+
+def test_without_hard_links_forced_replacements_are_still_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system without hard links the old file is moved aside, not linked; a failed
+    later commit moves it back."""
+
+    def no_links(*args: Any, **kwargs: Any) -> None:
+        raise OSError(1, "Operation not permitted (no hard links here)")
+
+    monkeypatch.setattr(files.os, "link", no_links)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("old a")
+    b.write_text("old b")
+    fail_on_commit(monkeypatch, 2, inject_oserror)
+    with pytest.raises(OutputFileError, match=r"b\.txt: cannot write it"):
+        with transaction():
+            atomic_write(a, "new a", force=True)
+            atomic_write(b, "new b", force=True)
+    assert (a.read_text(), b.read_text()) == ("old a", "old b")
+    assert leftovers(tmp_path) == []

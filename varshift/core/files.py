@@ -352,7 +352,8 @@ class Transaction:
         """Undo the committed outputs (latest first) and remove every temporary file."""
         for item in reversed(self.staged):
             with contextlib.suppress(OSError):
-                if item.done and item.backup is not None:
+                moved_aside = item.backup is not None and not os.path.lexists(item.path)
+                if item.backup is not None and (item.done or moved_aside):
                     os.replace(item.backup, item.path)
                 elif item.done:
                     item.path.unlink()
@@ -399,9 +400,10 @@ def _commit_one(item: _Staged) -> None:
                     f"{path}: already exists; pass force=True to overwrite it"
                 ) from None
             os.replace(tmp, path)
+            item.done = True
         else:
+            item.done = True
             tmp.unlink()
-        item.done = True
         return
     if os.path.lexists(path):
         backup = path.with_name(f".{path.name}{TMP_MARK}bak-{os.getpid()}")
