@@ -236,17 +236,30 @@ def simulate(
         result = run_simulate(job, progress=tick)
     if not no_report:
         show.plan_reports(plan, report_dir, result.report_stem)
-    with transaction() as tx:  # every output or none
+    _deliver(result, fmt.value, output, visuals, None if no_report else report_dir, force, quiet)
+
+
+def _deliver(
+    result: Any,
+    fmt: str,
+    output: Path | None,
+    visuals: Visuals,
+    report_dir: Path | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Every file output in one transaction (all or none), then the table on stdout."""
+    with transaction() as tx:
         written = show.write_visuals(result, visuals) if visuals.wanted else []
         if output is not None:
-            show.show(result, fmt.value, output)
-        if not no_report:
+            show.show(result, fmt, output)
+        if report_dir is not None:
             paths, unchanged = show.write_reports(result, report_dir, force=force)
     if output is None:
-        show.show(result, fmt.value, output)
+        show.show(result, fmt, output)
     kept = [output] if output is not None and tx.verb(output) == "unchanged" else []
     for path in [*kept, *written]:
         message(f"{tx.verb(path)} {path}", quiet)
-    if not no_report:
+    if report_dir is not None:
         verb = "unchanged" if unchanged else "written"
         message(f"reports {verb}: {', '.join(str(p) for p in paths)}", quiet)
