@@ -295,11 +295,8 @@ def correct(
         to_table(result.rows), fmt.value, metadata=result.metadata, title=show.correct_title(result)
     )
     _notes([f"warning: {w}" for w in result.correction.warnings], False)  # clipping: never quiet
-    if not dry_run:
-        _notes(outcome(tx, written), quiet)
-    else:
-        what = "no corrected file or report written" if shown else "nothing written"
-        _notes([f"dry run: {what}"], quiet)
+    what = "no corrected file or report written" if shown else "nothing written"
+    _notes(outcome(tx, written) if not dry_run else [f"dry run: {what}"], quiet)
     _notes([line for path in shown for line in outcome(tx, [path])], quiet)
 
 
