@@ -98,7 +98,7 @@ def test_hostile_files_are_one_line_refusals(corpus: dict[str, Path], name: str,
 @pytest.mark.parametrize(
     ("name", "rule"),
     [
-        ("object.npy", "got dtype object"),
+        ("object.npy", "holds pickled objects (dtype object)"),
         ("structured.npy", "got dtype structured"),
         ("string.npy", "got dtype <U1"),
         ("complex.npy", "got dtype complex128"),
@@ -128,7 +128,7 @@ def test_model_data_headers_are_checked_before_loading(
     if not torch_files:
         pytest.skip("needs torch and scikit-learn")
     args = [torch_files["net.pt"], "--model", "tests._digits:stacked_net", "--data", corpus[name]]
-    rule = "got dtype object" if name == "object.npy" else "declares shape (1000000000000,)"
+    rule = "holds pickled objects" if name == "object.npy" else "declares shape (1000000000000,)"
     assert_refused(run("diagnose", *args), name, rule)
 
 

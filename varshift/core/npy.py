@@ -46,6 +46,8 @@ def header_problem(fh: BinaryIO, size: int, *, max_values: int | None = None) ->
     except (ValueError, OSError, SyntaxError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"is not a valid .npy file ({first})"
+    if dtype.hasobject and dtype.fields is None:
+        return "holds pickled objects (dtype object), which varshift never loads"
     if dtype.fields is not None or dtype.kind not in "fiub":
         what = "structured" if dtype.fields is not None else str(dtype)
         return f"must hold real numbers (float or int); got dtype {what}"
