@@ -96,6 +96,29 @@ def _npz_files(folder: Path) -> dict[str, Path]:
     return out
 
 
+def _npy_files(folder: Path) -> dict[str, Path]:
+    """Activation files for ``simulate --input``: good, and with hostile headers."""
+    arrays: dict[str, np.ndarray] = {
+        "activations.npy": np.linspace(-1.0, 1.0, 128).reshape(64, 2),
+        "object.npy": np.array([{"a": 1}, None], dtype=object),  # a pickle inside
+        "structured.npy": np.zeros(4, dtype=[("x", "f8"), ("y", "i4")]),
+        "string.npy": np.array(["a", "b"]),
+        "complex.npy": np.zeros(4, complex),
+    }
+    out = {}
+    for name, arr in arrays.items():
+        np.save(folder / name, arr, allow_pickle=True)
+        out[name] = folder / name
+    for name, shape in (("huge_header.npy", (10**12,)), ("short.npy", (1000, 4))):
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "<f8", "fortran_order": False, "shape": shape}
+        )
+        (folder / name).write_bytes(header.getvalue() + b"\0" * 64)
+        out[name] = folder / name
+    return out
+
+
 def _text_files(folder: Path) -> dict[str, Path]:
     texts = {
         "good.csv": STATS_CSV,
@@ -139,6 +162,7 @@ def make_corpus(folder: Path) -> dict[str, Path]:
     """Write the corpus into ``folder``; return file name → path."""
     folder.mkdir(parents=True, exist_ok=True)
     corpus = {**_text_files(folder), **_npz_files(folder), **_special_files(folder)}
+    corpus.update(_npy_files(folder))
     try:
         corpus.update(_torch_files(folder))
     except ImportError:  # pragma: no cover - torch extra missing

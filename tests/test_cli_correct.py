@@ -136,7 +136,9 @@ def test_correct_writes_the_checkpoint_and_a_report(tmp_path: Path, checkpoint: 
     assert [r["layer"] for r in report["rows"]] == ["2", "5"]
     assert report["rows"][0]["var_after"] == pytest.approx(float(np.mean(new.layers["2"].var)))
 
-    code, _, err = run("correct", checkpoint, "--rate", "0.5", "-o", out)
+    code, _, err = run("correct", checkpoint, "--rate", "0.5", "-o", out)  # a rerun
+    assert code == 0 and f"unchanged {out} and {out}.report.json" in err, err
+    code, _, err = run("correct", checkpoint, "--rate", "0.2", "-o", out)
     one_line_error(code, err, f"{out}: already exists; pass --force to overwrite it")
     code, _, err = run("correct", checkpoint, "--rate", "0.2", "-o", out, "--force", "-q")
     assert code == 0 and err == ""

@@ -143,9 +143,12 @@ def test_recalibrate_writes_only_bn_buffers_and_keeps_the_input(
     want = recalibrate(trained("stacked"), x).model.state_dict()
     for key, value in state.items():
         np.testing.assert_allclose(value, want[key], rtol=1e-6)
-    # Refuses to overwrite without --force; the file is left as it was.
+    # A rerun finds identical bytes: 'unchanged', exit 0. Another result needs --force; the
+    # file is left as it was.
     written = digest(out)
     code, _, err = run("recalibrate", *model_args(files), "-o", out)
+    assert code == 0 and f"unchanged {out}" in err and digest(out) == written, err
+    code, _, err = run("recalibrate", *model_args(files), "-o", out, "--max-batches", "1")
     assert code == 2 and "already exists" in err and digest(out) == written
 
 
@@ -193,7 +196,7 @@ def write_npz(path: Path, x: Any, y: Any = None) -> Path:
 BAD = [
     ("mismatch", ["--model-arg", "width=32"], "does not match the model"),
     ("shape", ["DATA", lambda x, y: write_npz(Path("d.npz"), x[:, :63])], "rejects a batch"),
-    ("dtype", ["DATA", lambda x, y: write_npz(Path("d.npz"), x + 1j)], "is not a number"),
+    ("dtype", ["DATA", lambda x, y: write_npz(Path("d.npz"), x + 1j)], "got dtype complex"),
     ("nan", ["DATA", lambda x, y: write_npz(Path("d.npz"), x * np.nan)], "non-finite"),
     ("empty", ["DATA", lambda x, y: write_npz(Path("d.npz"), x[:0])], "no samples"),
     ("labels", ["DATA", lambda x, y: write_npz(Path("d.npz"), x, y[:-1])], "labels for"),

@@ -259,14 +259,16 @@ def test_simulate_page_with_fit_and_plot_only(tmp_path: Path) -> None:
     assert_figures(tmp_path / "only", "simulate_running_var", "simulate_vs_theory")
 
 
-def test_simulate_refuses_existing_figures_before_any_work(tmp_path: Path) -> None:
+def test_simulate_refuses_changed_figures_and_writes_nothing(tmp_path: Path) -> None:
     figs = tmp_path / "figs"
     assert run(*SIM, "--plot", figs, "-q")[0] == 0
     before = {p.name: p.read_bytes() for p in figs.iterdir()}
+    code, _, err = run(*SIM, "--plot", figs)  # a rerun draws identical files
+    assert code == 0 and f"unchanged {figs}/simulate_running_var.png" in err, err
     reports = tmp_path / "reports"
-    code, out, err = run(*SIM[:-1], "--report-dir", reports, "--plot", figs)
+    code, out, err = run(*SIM[:-1], "--report-dir", reports, "--plot", figs, "--seed", "1")
     one_line_error(code, out, err, f"--plot {figs}/simulate_running_var.png: already exists")
-    assert out == "" and not reports.exists()  # nothing ran, no report written
+    assert out == "" and not reports.exists()  # all or none: no report written either
     assert {p.name: p.read_bytes() for p in figs.iterdir()} == before
     code, _, err = run(*SIM, "--plot", figs, "--force", "-q")
     assert code == 0, err
@@ -304,11 +306,13 @@ def test_correct_writes_the_file_the_report_and_the_page(tmp_path: Path, stats_c
     after = read_stats(fixed).layers["head.bn"].var
     rows = read_tables(page.read_text())[0].set_index("layer")
     assert float(rows.loc["head.bn", "var_after"]) == pytest.approx(float(np.mean(after)), 1e-9)
-    # The page exists now: a second run needs --force, and says so before writing anything.
+    # The page exists now: a run that would change it needs --force, and writes nothing.
     fixed.unlink()
-    code, out, err = run("correct", stats_csv, "--rate", "0.5", "-o", fixed, "--html", page)
+    Path(f"{fixed}.report.json").unlink()
+    before = page.read_bytes()
+    code, out, err = run("correct", stats_csv, "--rate", "0.4", "-o", fixed, "--html", page)
     one_line_error(code, out, err, f"--html {page}: already exists; pass --force")
-    assert not fixed.exists()
+    assert not fixed.exists() and page.read_bytes() == before
 
 
 # --- check ------------------------------------------------------------------------------------

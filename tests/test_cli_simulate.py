@@ -108,8 +108,11 @@ def test_output_file_and_quiet(tmp_path: Path) -> None:
     code, out, err = run("-f", "csv", "-o", str(target), "--quiet", *SMALL)
     assert code == 0 and out == "" and err == ""
     assert pd.read_csv(target).shape[0] == 4
-    code, _, err = run("-f", "csv", "-o", str(target), *SMALL)
-    assert code == 2 and "already exists; pass --force" in err
+    before = target.read_bytes()
+    code, _, err = run("-f", "csv", "-o", str(target), *SMALL)  # a rerun: identical bytes
+    assert code == 0 and f"unchanged {target}" in err and target.read_bytes() == before
+    code, _, err = run("-f", "csv", "-o", str(target), *SMALL, "--seed", "1")
+    assert code == 2 and "already exists; pass --force" in err and target.read_bytes() == before
 
 
 def test_fit_reports_predictions_next_to_gamma_star() -> None:

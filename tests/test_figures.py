@@ -61,8 +61,11 @@ def test_save_figure_writes_png_and_svg_repeatably(tmp_path: Path) -> None:
     png, svg = paths[0].read_bytes(), paths[1].read_text()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and svg.lstrip().startswith("<?xml")
     assert "<dc:date>" not in svg
+    figures.save_figure(_width_figure(), tmp_path / "figs", "width")  # identical: not an error
+    assert paths[0].read_bytes() == png and paths[1].read_text() == svg
+    other = figures.layer_before_after(["bn1"], [1.0], [2.0])
     with pytest.raises(OutputFileError, match="already exists; pass force=True"):
-        figures.save_figure(fig, tmp_path / "figs", "width")
+        figures.save_figure(other, tmp_path / "figs", "width")
     figures.save_figure(_width_figure(), tmp_path / "figs", "width", force=True)
     assert paths[0].read_bytes() == png and paths[1].read_text() == svg
 

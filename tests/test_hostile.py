@@ -95,6 +95,49 @@ def test_hostile_files_are_one_line_refusals(corpus: dict[str, Path], name: str,
     assert snapshot(corpus) == before
 
 
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        ("object.npy", "holds pickled objects (dtype object)"),
+        ("structured.npy", "got dtype structured"),
+        ("string.npy", "got dtype <U1"),
+        ("complex.npy", "got dtype complex128"),
+        ("huge_header.npy", "declares shape (1000000000000,) (1,000,000,000,000 values); at most"),
+        ("short.npy", "declares shape (1000, 4) (32,000 bytes) but holds 64 bytes"),
+    ],
+)
+def test_npy_headers_are_checked_before_loading(
+    corpus: dict[str, Path], name: str, rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    def no_load(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("np.load reached: the header was not checked first")
+
+    monkeypatch.setattr(np, "load", no_load)
+    before = snapshot(corpus)
+    result = run("simulate", "--input", corpus[name], "--epochs", "1", "--no-report")
+    assert_refused(result, name, rule)
+    assert snapshot(corpus) == before
+
+
+@pytest.mark.parametrize("name", ["huge_header.npy", "huge_header.npz", "object.npy"])
+def test_model_data_headers_are_checked_before_loading(
+    corpus: dict[str, Path], torch_files: dict[str, Path], name: str
+) -> None:
+    if not torch_files:
+        pytest.skip("needs torch and scikit-learn")
+    args = [torch_files["net.pt"], "--model", "tests._digits:stacked_net", "--data", corpus[name]]
+    rule = "holds pickled objects" if name == "object.npy" else "declares shape (1000000000000,)"
+    assert_refused(run("diagnose", *args), name, rule)
+
+
+def test_good_npy_activations_still_load(corpus: dict[str, Path]) -> None:
+    args = ["simulate", "--input", corpus["activations.npy"], "--batch-size", "16"]
+    result = run(*args, "--epochs", "1", "--no-report", "-f", "csv")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_a_wide_header_is_not_echoed(corpus: dict[str, Path]) -> None:
     result = run("inspect", corpus["wide_header.csv"])
     assert_refused(result, "missing column", "30,000 columns")
@@ -149,6 +192,16 @@ def test_batch_size_one_is_refused_not_clipped(corpus: dict[str, Path], tmp_path
         (["simulate", "-o", "."], ["."]),
         (["simulate", "-o", ""], ["not a file name"]),
         (["suite", "--stem", "../escape"], ["--stem", "../escape"]),
+        (["sweep", "--seed", "-1"], ["seed", "got -1"]),
+        (["sweep", "--simulate", "--seed", "-1"], ["seed", "got -1"]),
+        # 9 points × 100,000 steps × batch 256 × 1,000 reps = 2.304e11 values of work
+        (
+            [
+                *["sweep", "--rate", "0.1:0.9:0.1", "--simulate", "--steps", "100000"],
+                *["--reps", "1000", "--batch-size", "256"],
+            ],
+            ["2.3e+11", "at most 1e+11", "--force"],
+        ),
     ],
 )
 def test_bad_values_are_one_line_refusals_before_any_work(
@@ -202,6 +255,61 @@ def test_a_full_disk_names_the_path_and_the_free_space(
     assert_refused(result, str(out), "disk is full", "bytes free")
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["s.csv"]  # no temporary file left
+
+
+def _unshare_tmpfs() -> list[str] | None:
+    """The ``unshare`` prefix that gives a private mount namespace in which this user may mount
+    a tmpfs (a user namespace when not root), or None where the system does not allow it."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None or not hasattr(os, "geteuid"):
+        return None
+    prefix = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user"]
+    prefix += [] if os.geteuid() == 0 else ["--map-root-user", "--mount"]
+    probe = subprocess.run(
+        [*prefix, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null && echo ok"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return prefix if probe.stdout.strip() == "ok" else None
+
+
+def test_a_real_full_disk_writes_nothing(tmp_path: Path) -> None:
+    """A real ENOSPC: the outputs go to a 1 MiB tmpfs mounted in a private mount namespace
+    (``unshare``; no root needed where user namespaces are enabled), the corrected file is
+    ~1.5 MB. One line naming the path and the free space, exit 2, the tmpfs left empty."""
+    import subprocess
+    import sys
+
+    prefix = _unshare_tmpfs()
+    if prefix is None:
+        pytest.skip("no private mount namespace with tmpfs here (unshare or user namespaces)")
+    stats = tmp_path / "s.csv"
+    rows = "".join(f"bn,{i},0.5,2.5,500\n" for i in range(60_000))
+    stats.write_text("layer,channel,mean,var,count\n" + rows)
+    small = tmp_path / "small"
+    small.mkdir()
+    err = tmp_path / "err.txt"
+    script = (
+        'mount -t tmpfs -o size=1m tmpfs "$1" || exit 99; '
+        '"$2" -m varshift correct "$3" --rate 0.2 -o "$1/o.csv" 2>"$4"; echo "rc=$?"; ls -A "$1"'
+    )
+    done = subprocess.run(
+        [*prefix, "sh", "-c", script, "sh", small, sys.executable, stats, err],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    lines = done.stdout.split()
+    assert lines and lines[0] == "rc=2", (done.stdout, done.stderr, err.read_text())
+    assert lines[1:] == []  # nothing on the full disk: no output, no report, no temporary file
+    text = err.read_text()
+    assert text.startswith("varshift: error: ") and text.count("\n") == 1, text
+    assert f"{small}/o.csv: the disk is full (" in text and "bytes free in" in text, text
+    assert stats.read_text().count("\n") == 60_001
 
 
 def test_stale_temporary_files_are_removed_by_the_next_run(tmp_path: Path) -> None:
@@ -324,3 +432,108 @@ def test_clipping_is_reported_even_with_quiet(tmp_path: Path) -> None:
     result = run("correct", stats, "--rate", "0.2", "-o", out, "--quiet", "--no-report")
     assert result.exit_code == 0, result.stderr
     assert "warning" in result.stderr and "clipped" in result.stderr, result.stderr
+
+
+# --- the property test, continued: sweep, suite, diagnose, recalibrate ---------------------
+
+MORE_VALUES = [*NUMBERS, "x", "../escape", "single-pass", "topological", "0.1:0.9:0.4"]
+MORE_OPTIONS: dict[str, list[str]] = {
+    "sweep": ["--rate", "--mean", "--var", "--batch-size", "--seed", "--steps", "--reps"],
+    "suite": ["--seed"],  # --stem: a regression case above; --workers spawns processes
+    "diagnose": ["--batch-size", "--input-key", "--label-key", "--device"],
+    "recalibrate": ["--batch-size", "--input-key", "--method", "--device"],
+}
+MORE_OPTIONS["sweep"] += ["--momentum", "--seeds"]
+
+
+def _natural(text: str) -> bool:
+    """Whether ``text`` is a valid seed (an integer >= 0, "-0" included)."""
+    return text.lstrip("-").isdigit() and int(text) >= 0
+
+
+@pytest.fixture(scope="module")
+def torch_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An (untrained, seeded) stacked net's checkpoint and the digits data, or nothing."""
+    try:
+        import numpy as np
+        import torch
+
+        from tests._digits import digits, stacked_net
+    except ImportError:  # pragma: no cover - torch or sklearn missing
+        return {}
+    root = tmp_path_factory.mktemp("nets")
+    torch.manual_seed(0)
+    torch.save(stacked_net().state_dict(), root / "net.pt")
+    x, y = digits()
+    np.savez(root / "digits.npz", x=x.numpy(), y=y.numpy())
+    return {"net.pt": root / "net.pt", "digits.npz": root / "digits.npz"}
+
+
+@st.composite
+def more_command_lines(
+    draw: st.DrawFn, names: list[str], torch_names: list[str]
+) -> tuple[list[str], list[str]]:
+    """``(args, output names)`` for sweep, suite, diagnose and recalibrate."""
+    commands = ["sweep", "suite", *(["diagnose", "recalibrate"] if torch_names else [])]
+    command = draw(st.sampled_from(commands))
+    args: list[str] = [command]
+    inputs: list[str] = []
+    if command in ("diagnose", "recalibrate"):
+        # the good files half of the time, else any file of the corpus
+        good = draw(st.booleans())
+        checkpoint = draw(st.just("net.pt") if good else st.sampled_from(names))
+        data = draw(st.just("digits.npz") if draw(st.booleans()) else st.sampled_from(names))
+        args += [checkpoint, "--model", "tests._digits:stacked_net", "--data", data]
+        args += ["--max-batches", "2", *(["--no-dropout-on"] if command == "diagnose" else [])]
+        inputs = [checkpoint, data]
+    if command == "suite":
+        args += ["--quick", "--report-dir", "@reports"]
+    if command == "sweep" and draw(st.booleans()):
+        args += ["--simulate", "--steps", "20", "--reps", "4"]
+    # suite gets a bad --seed: a whole valid suite run takes seconds (tests/test_suite.py runs it)
+    least = 1 if command == "suite" else 0
+    values = [v for v in MORE_VALUES if command != "suite" or not _natural(v)]
+    options = [o for o in MORE_OPTIONS[command] if o not in args]  # each given once
+    drawn = st.lists(st.sampled_from(options), min_size=least, max_size=3, unique=True)
+    for option in draw(drawn):
+        args += [option, draw(st.sampled_from(values))]
+    outputs: list[str] = []
+    if command != "suite" and (command == "recalibrate" or draw(st.booleans())):
+        target = draw(st.sampled_from(["@new.pt", "@new.json", "@new.csv", *inputs]))
+        args += ["-o", target]
+        outputs.append(target)
+    if draw(st.booleans()):
+        args.append("--force")
+    return args, outputs
+
+
+@settings(settings.get_profile(PROFILE), max_examples=24 if PROFILE == "fast" else 600)
+@given(data=st.data())
+def test_property_sweep_suite_diagnose_recalibrate(
+    corpus: dict[str, Path],
+    torch_files: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    data: st.DataObject,
+) -> None:
+    files = {**corpus, **torch_files}
+    args, _ = data.draw(more_command_lines(sorted(corpus), sorted(torch_files)))
+    out_dir = tmp_path_factory.mktemp("out")
+    argv = [
+        str(files[a]) if a in files else (str(out_dir / a[1:]) if a.startswith("@") else a)
+        for a in args
+    ]
+    before = snapshot(files)
+    result = runner.invoke(app, argv)
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        argv,
+        repr(result.exception),
+    )
+    assert result.exit_code in (0, 2), (argv, result.exit_code, result.stderr)
+    if result.exit_code == 2:
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("varshift"), (
+            argv,
+            result.stderr,
+        )
+        assert list(out_dir.iterdir()) == [], (argv, result.stderr)
+    assert snapshot(files) == before, argv
+    assert not [p for p in out_dir.rglob("*") if "varshift-tmp" in p.name]

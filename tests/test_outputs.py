@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from varshift.cli import app
 from varshift.core.errors import OutputFileError
-from varshift.core.files import OutputPlan
+from varshift.core.files import OutputPlan, atomic_write, transaction
 
 STATS_CSV = """layer,channel,mean,var,count
 bn,0,0.5,2.5,500
@@ -104,8 +104,14 @@ def test_the_plan_names_the_input_behind_a_link(tmp_path: Path, stats: Path) -> 
         with pytest.raises(OutputFileError, match=f"{link}: is the input file {stats};"):
             plan.add(link)
     assert plan.add(tmp_path / "new.csv") == tmp_path / "new.csv"
+    # an existing output is compared when written: different bytes are refused, nothing written
+    target = tmp_path / "old.csv"
+    target.write_text("old")
+    OutputPlan([]).add(target)
     with pytest.raises(OutputFileError, match="already exists; pass force=True to overwrite it"):
-        OutputPlan([]).add(stats)
+        with transaction():
+            atomic_write(target, "new", force=True)
+    assert target.read_text() == "old"
 
 
 def test_the_page_shows_the_figure_as_written_to_plot(tmp_path: Path, stats: Path) -> None:

@@ -176,6 +176,9 @@ class LazyGroup(TyperGroup):
         A usage error (``--rate abc``, an unknown option) is one line too, exit 2, instead of
         click's usage lines and Rich box.
         """
+        from varshift.core.files import forget_marks
+
+        forget_marks()  # one command's output plan never applies to the next (one process)
         try:
             return super().invoke(ctx)
         except UsageError as exc:

@@ -9,7 +9,7 @@ import typer
 
 from varshift.cli._common import OutputFormat, app
 from varshift.core.errors import RegressionFound
-from varshift.core.files import OutputPlan, atomic_write
+from varshift.core.files import OutputPlan, atomic_write, transaction
 from varshift.jobs.check import CheckJob, check_reports
 from varshift.present import check as show
 from varshift.present.output import Visuals, emit, plan_visuals, write_visuals
@@ -108,10 +108,11 @@ def check(
     md = show.markdown_summary(result, show_all=show_all)
     drawn = show.chart(result) if visuals.wanted else None
     page = ("varshift check", lambda: show.sections(result, drawn), result.metadata)
-    shown = write_visuals(visuals, [drawn] if drawn else [], page)
-    for path, text in ((junit, show.junit_xml(result)), (markdown, md)):
-        if path is not None:
-            atomic_write(path, text, force=True)
+    with transaction() as tx:  # every output or none
+        shown = write_visuals(visuals, [drawn] if drawn else [], page)
+        for path, text in ((junit, show.junit_xml(result)), (markdown, md)):
+            if path is not None:
+                atomic_write(path, text, force=True)
     show.append_step_summary(md)
     verdict_message(show.summary_line(result))
     rows = show.shown_rows(result, fmt.value, show_all=show_all)
@@ -120,7 +121,7 @@ def check(
         table_df = df.select(show.TABLE_COLUMNS)
         emit(df, fmt.value, title="varshift check", table_df=table_df, keys=2)
     for path in shown:
-        message(f"varshift: wrote {path}", quiet)
+        message(f"varshift: {tx.verb(path)} {path}", quiet)
     show.annotate(result)
     if result.regressed:
         raise RegressionFound(show.regression_message(result))

@@ -11,10 +11,10 @@ import typer
 from varshift.cli._common import DropoutKind, Framework, OutputFormat, app, parse_momentum
 from varshift.core.dropout import DEFAULT_KIND
 from varshift.core.errors import ValidationError
-from varshift.core.files import OutputPlan
+from varshift.core.files import OutputPlan, transaction
 from varshift.jobs.checkpoint import CorrectJob, correct_file, default_report, inspect_file
 from varshift.present import checkpoint as show
-from varshift.present.output import Visuals, emit, plan_visuals
+from varshift.present.output import Visuals, emit, outcome, plan_visuals
 from varshift.present.render import message
 from varshift.present.report import to_table
 
@@ -106,7 +106,9 @@ def inspect(
     result = inspect_file(file, framework and framework.value, parse_momentum(momentum))
     _notes(result.notes, quiet)
     df, human, title = show.inspect_tables(result)
-    emit(df, fmt.value, metadata=result.metadata, title=title, output=output, table_df=human)
+    with transaction() as tx:
+        emit(df, fmt.value, metadata=result.metadata, title=title, output=output, table_df=human)
+    _notes([f"unchanged {output}"] if output and tx.verb(output) == "unchanged" else [], quiet)
     _notes([f"{len(result.rows)} BatchNorm layer(s), {result.flagged} flagged"], quiet)
 
 
@@ -285,20 +287,18 @@ def correct(
         max_batches=max_batches,
         input_shape=parse_shape(input_shape),
     )
-    result = correct_file(job, plan)
-    written = [*result.written, *filter(None, [show.write_correct_report(result)])]
-    shown = show.write_visuals(result, visuals) if visuals.wanted else []
+    with transaction() as tx:  # every output or none
+        result = correct_file(job, plan)
+        written = [*result.written, *filter(None, [show.write_correct_report(result)])]
+        shown = show.write_visuals(result, visuals) if visuals.wanted else []
     _notes(result.notes, quiet)
     emit(
         to_table(result.rows), fmt.value, metadata=result.metadata, title=show.correct_title(result)
     )
     _notes([f"warning: {w}" for w in result.correction.warnings], False)  # clipping: never quiet
-    if not dry_run:
-        _notes([f"wrote {' and '.join(map(str, written))}"], quiet)
-    else:
-        what = "no corrected file or report written" if shown else "nothing written"
-        _notes([f"dry run: {what}"], quiet)
-    _notes([f"wrote {path}" for path in shown], quiet)
+    what = "no corrected file or report written" if shown else "nothing written"
+    _notes(outcome(tx, written) if not dry_run else [f"dry run: {what}"], quiet)
+    _notes([line for path in shown for line in outcome(tx, [path])], quiet)
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

@@ -10,7 +10,7 @@ import pandas as pd
 import typer
 
 from varshift.cli._common import OutputFormat, app
-from varshift.core.files import OutputPlan
+from varshift.core.files import OutputPlan, transaction
 from varshift.jobs.diagnose import (
     DataSpec,
     DiagnoseConfig,
@@ -186,13 +186,18 @@ def diagnose(
             )
     table = result.to_frame()
     meta = diagnose_metadata(config, result)
+    with transaction() as tx:
+        if fmt is OutputFormat.json:
+            meta["layers"] = frame_records(table)
+            long = pd.DataFrame.from_records(result.metric_rows())
+            emit(long, fmt.value, metadata=meta, output=output)
+        else:
+            title = f"varshift diagnose: {result.samples} samples"
+            emit(table, fmt.value, metadata=meta, title=title, output=output)
+    if output is not None and tx.verb(output) == "unchanged" and not quiet:
+        typer.echo(f"varshift: unchanged {output}", err=True)
     if fmt is OutputFormat.json:
-        meta["layers"] = frame_records(table)
-        long = pd.DataFrame.from_records(result.metric_rows())
-        emit(long, fmt.value, metadata=meta, output=output)
         return
-    title = f"varshift diagnose: {result.samples} samples"
-    emit(table, fmt.value, metadata=meta, title=title, output=output)
     if result.scores is not None and output is None and fmt is not OutputFormat.csv:
         scores = pd.DataFrame.from_records([result.scores.__dict__])
         emit(scores, fmt.value, title="the model as saved")
@@ -243,14 +248,15 @@ def recalibrate(
         force=force,
         seed=seed,
     )
-    with pass_progress(quiet) as progress:
+    with pass_progress(quiet) as progress, transaction() as tx:
         job = run_recalibrate(config, progress)
     result = job.result
     if not quiet:
         for line in result.warnings:
             typer.echo(f"varshift: warning: {line}", err=True)
         typer.echo(
-            f"varshift: wrote {job.output} ({result.method}, {result.passes} data pass(es))",
+            f"varshift: {tx.verb(job.output)} {job.output} ({result.method}, "
+            f"{result.passes} data pass(es))",
             err=True,
         )
     layers, scores = result.to_frame(), result.scores_frame()

@@ -17,7 +17,7 @@ from varshift.cli._common import (
     parse_momentum,
 )
 from varshift.core.dropout import DEFAULT_KIND
-from varshift.core.files import OutputPlan
+from varshift.core.files import OutputPlan, transaction
 from varshift.core.presets import DEFAULT_FRAMEWORK, resolve_preset
 from varshift.core.topology import DEFAULT_TOPOLOGY
 from varshift.engine import SimConfig
@@ -236,11 +236,30 @@ def simulate(
         result = run_simulate(job, progress=tick)
     if not no_report:
         show.plan_reports(plan, report_dir, result.report_stem)
-    written = show.write_visuals(result, visuals) if visuals.wanted else []
-    show.show(result, fmt.value, output)
-    for path in written:
-        message(f"wrote {path}", quiet)
-    if not no_report:
-        paths, unchanged = show.write_reports(result, report_dir, force=force)
+    _deliver(result, fmt.value, output, visuals, None if no_report else report_dir, force, quiet)
+
+
+def _deliver(
+    result: Any,
+    fmt: str,
+    output: Path | None,
+    visuals: Visuals,
+    report_dir: Path | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Every file output in one transaction (all or none), then the table on stdout."""
+    with transaction() as tx:
+        written = show.write_visuals(result, visuals) if visuals.wanted else []
+        if output is not None:
+            show.show(result, fmt, output)
+        if report_dir is not None:
+            paths, unchanged = show.write_reports(result, report_dir, force=force)
+    if output is None:
+        show.show(result, fmt, output)
+    kept = [output] if output is not None and tx.verb(output) == "unchanged" else []
+    for path in [*kept, *written]:
+        message(f"{tx.verb(path)} {path}", quiet)
+    if report_dir is not None:
         verb = "unchanged" if unchanged else "written"
         message(f"reports {verb}: {', '.join(str(p) for p in paths)}", quiet)

@@ -9,7 +9,7 @@ import typer
 
 from varshift.cli._common import VALUES_HELP, OutputFormat, app, parse_momentum
 from varshift.core.dropout import DROPOUT_KINDS
-from varshift.core.files import OutputPlan
+from varshift.core.files import OutputPlan, transaction
 from varshift.core.presets import FRAMEWORKS
 from varshift.jobs.sweep import MAX_POINTS, axes_config, check_store_options, run_sweep
 from varshift.present import sweep as show
@@ -121,7 +121,10 @@ def sweep(  # long: 23 of its 42 lines hand the options to axes_config, one per 
     ] = None,
     force: Annotated[
         bool,
-        typer.Option(help=f"Overwrite outputs; allow grids of more than {MAX_POINTS} points."),
+        typer.Option(
+            help=f"Overwrite outputs; allow grids of more than {MAX_POINTS} points and "
+            "simulated sweeps of more than 1e11 values of work (steps × batch × row, summed)."
+        ),
     ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing but the results.")
@@ -191,20 +194,16 @@ def sweep(  # long: 23 of its 42 lines hand the options to axes_config, one per 
     drawn = show.figures(result) if visuals.wanted else []
     if plot is not None:
         plan_figures(plan, plot, [d.stem for d in drawn])
-    written = show.write_visuals(result, df, visuals, drawn)
     table_df = show.compact_layout(result, df) if on_terminal(fmt.value, output) else None
     title = f"variance shift sweep, {len(result.rows)} points"
     keys = len(result.varying) or 1
-    emit(
-        df,
-        fmt.value,
-        metadata=result.metadata,
-        title=title,
-        output=output,
-        table_df=table_df,
-        keys=keys,
-    )
+    with transaction() as tx:  # every output or none; the table on stdout after them
+        written = show.write_visuals(result, df, visuals, drawn)
+        if output is not None:
+            emit(df, fmt.value, metadata=result.metadata, title=title, output=output)
+    if output is None:
+        emit(df, fmt.value, metadata=result.metadata, title=title, table_df=table_df, keys=keys)
     if plot is not None and not drawn:
         message("varshift: nothing to plot: sweep at least two rates for the figures", quiet)
     for path in [*written, *([output] if output is not None else [])]:
-        message(f"wrote {path}", quiet)
+        message(f"{tx.verb(path)} {path}", quiet)

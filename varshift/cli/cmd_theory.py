@@ -18,12 +18,13 @@ from varshift.cli._common import (
     parse_values,
 )
 from varshift.core.dropout import DEFAULT_KIND
-from varshift.core.files import OutputPlan
+from varshift.core.files import OutputPlan, transaction
 from varshift.core.presets import DEFAULT_FRAMEWORK, resolve_preset
 from varshift.core.topology import DEFAULT_TOPOLOGY
 from varshift.jobs.theory import TheoryConfig, input_variance, run_theory
 from varshift.present import theory as show
 from varshift.present.output import emit
+from varshift.present.render import message
 from varshift.present.report import to_table
 
 EPILOG = """\
@@ -115,11 +116,14 @@ def theory(
     )
     result = run_theory(config)
     human = show.human_layout(result.rows)
-    emit(
-        to_table(result.rows),
-        fmt.value,
-        metadata=result.metadata,
-        title=show.title(result),
-        output=output,
-        table_df=human,
-    )
+    with transaction() as tx:
+        emit(
+            to_table(result.rows),
+            fmt.value,
+            metadata=result.metadata,
+            title=show.title(result),
+            output=output,
+            table_df=human,
+        )
+    if output is not None and tx.verb(output) == "unchanged":
+        message(f"varshift: unchanged {output}")

@@ -4,8 +4,11 @@ Every output (reports, checkpoints, figures, pages) goes through :func:`replacin
 :func:`atomic_write`, so a kill or an error never leaves a partial file at the target path.
 A command collects its outputs in an :class:`OutputPlan` before its first write: each is
 checked against every input (the same file, also through a symbolic or hard link), against the
-outputs already planned, and, unless ``force``, against an existing file. The refusal messages
-are written once, here.
+outputs already planned, and its folder is probed. It then writes them inside one
+:func:`transaction`: every output is staged as a finished, fsynced temporary file, and only
+then are they all renamed into place, or none (a failed rename rolls back the ones before
+it). Without ``force`` an existing output is kept if the new bytes are identical (a rerun)
+and refused otherwise. The refusal messages are written once, here.
 """
 
 from __future__ import annotations
@@ -17,19 +20,23 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from varshift.core.errors import OutputFileError
 
 __all__ = [
     "OutputPlan",
+    "Transaction",
     "atomic_write",
+    "forget_marks",
     "refuse_existing",
     "remove_stale_temps",
     "replacing",
     "replacing_folder",
     "same_file",
     "temp_name",
+    "transaction",
     "write_unchanged_or_new",
 ]
 
@@ -135,15 +142,20 @@ class OutputPlan:
     ) -> Path:
         """Check ``path`` and plan it; return it.
 
-        ``replace`` skips the existence check for an output whose existing copy the command
-        compares itself (:func:`write_unchanged_or_new`). ``folder``: the output is a folder
-        (:func:`replacing_folder`), which must not contain an input.
+        Without ``force`` an existing ``path`` is not refused here: the command's
+        :func:`transaction` leaves it in place if the new bytes are identical (rerunning a
+        seeded command is not an error) and refuses it, writing nothing, if they differ.
+        ``replace`` only changes that refusal's wording (``exists with different content``,
+        for reports a rerun reproduces). ``folder``: the output is a folder
+        (:func:`replacing_folder`), which must not contain an input; an existing folder is
+        refused here without ``force`` (a folder is never compared byte for byte).
 
         Raises
         ------
         OutputFileError
             ``path`` is an input, lies inside an input folder, is already planned, is a folder
-            (a file when ``folder``), or exists without ``force``.
+            (a file when ``folder``), exists as a folder without ``force``, or its folder
+            cannot be written.
         """
         path = Path(path)
         label = _label(path, option)
@@ -162,20 +174,25 @@ class OutputPlan:
                 )
         if not str(path) or str(path) == ".":
             raise OutputFileError(f"{label or repr(str(path))}: is not a file name")
-        if replace:
-            if path.is_dir():
-                raise OutputFileError(f"{label}: is a folder; expected a file name")
-        elif folder:
+        if folder:
             refuse_existing_folder(path, force=self.force, option=option)
-        else:
-            refuse_existing(path, force=self.force, option=option)
+        elif path.is_dir():
+            raise OutputFileError(f"{label}: is a folder; expected a file name")
         _check_writable_folder(path, label)
-        # Planned without force: created exclusively. A later plan of the same path with force
-        # (a writer re-checking what its caller planned) must not undo that mark.
-        if replace:
-            _EXCLUSIVE.discard(str(path.absolute()))
+        # Planned without force: created exclusively, or, if it exists, kept when the new bytes
+        # are identical (a rerun) and refused otherwise, with nothing written (Transaction). A
+        # later plan of the same path with force (a writer re-checking what its caller
+        # planned) must not undo these marks.
+        key = str(path.absolute())
+        if not self.force and os.path.lexists(path):
+            _MATCH[key] = (
+                f"{path}: exists with different content; pass force=True to overwrite it"
+                if replace
+                else f"{label}: already exists; pass force=True to overwrite it"
+            )
+            _EXCLUSIVE.discard(key)
         elif not self.force:
-            _EXCLUSIVE.add(str(path.absolute()))
+            _EXCLUSIVE.add(key)
         self.outputs.append((path, option))
         return path
 
@@ -206,6 +223,17 @@ TMP_MARK = ".varshift-tmp-"
 #: of the finished temporary file), so of two processes writing the same new output one wins
 #: and the other is refused, instead of the later silently replacing the earlier.
 _EXCLUSIVE: set[str] = set()
+
+#: Existing paths planned without ``--force``, with the refusal if the new bytes differ: a
+#: :class:`Transaction` leaves an identical file in place and refuses a different one.
+_MATCH: dict[str, str] = {}
+
+
+def forget_marks() -> None:
+    """Forget the exclusive and compare-first marks of plans never written (the CLI calls this
+    around each command, so one command's plan never applies to the next in one process)."""
+    _EXCLUSIVE.clear()
+    _MATCH.clear()
 
 
 def temp_name(path: Path, pid: int | None = None) -> Path:
@@ -249,15 +277,160 @@ def _write_error(path: Path, exc: OSError) -> OutputFileError:
     return OutputFileError(f"{path}: cannot write it ({exc.strerror or exc})")
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    """fsync ``tmp`` and move it to ``path``: exclusively (a hard link) if ``path`` was planned
-    without ``--force``, else by an atomic rename."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    if str(path.absolute()) in _EXCLUSIVE:
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable where the OS allows it."""
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether the regular files ``a`` and ``b`` hold the same bytes (read in blocks)."""
+    if not b.is_file() or a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block = fa.read(1 << 20)
+            if block != fb.read(1 << 20):
+                return False
+            if not block:
+                return True
+
+
+@dataclass
+class _Staged:
+    """One finished, fsynced temporary file waiting to become ``path``."""
+
+    tmp: Path
+    path: Path
+    exclusive: bool  # planned as new (without force): created by a hard link, never replaced
+    match: str | None  # existed when planned without force: kept if identical, else this error
+    backup: Path | None = None  # the replaced file's old content until every commit succeeded
+    done: bool = False
+
+
+class Transaction:
+    """The outputs of one command, staged as finished temporary files and committed together.
+
+    Inside ``with transaction() as tx:`` every :func:`replacing` (so every
+    :func:`atomic_write`) writes and fsyncs its temporary file but does not rename it. When the
+    block succeeds the outputs are committed: first every output planned without ``--force``
+    over an existing file is compared with it (identical: left in place and listed in
+    :attr:`unchanged`; different: refused, nothing written); then each is renamed into place,
+    a replaced file's old content kept in a backup (a hard link) until all are in place. If a
+    rename fails, the outputs already committed are rolled back (new files removed, replaced
+    files restored) and the error is raised: all outputs or none. On an error in the block the
+    temporary files are removed and nothing is committed.
+
+    A kill during the final renames (after all outputs are written and fsynced; typically
+    milliseconds) can leave some outputs committed: each is still complete.
+    """
+
+    def __init__(self) -> None:
+        self.staged: list[_Staged] = []
+        #: Outputs whose existing file already held exactly the new bytes (nothing written).
+        self.unchanged: list[Path] = []
+        #: Outputs written (renamed into place).
+        self.written: list[Path] = []
+        #: Folders made for the outputs, removed again (if empty) when nothing is committed.
+        self.folders: list[Path] = []
+
+    def make_folder(self, folder: Path) -> None:
+        """Create ``folder`` and its missing parents, remembering them for a roll-back."""
+        missing = []
+        while not os.path.lexists(folder) and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        for made in reversed(missing):
+            made.mkdir(exist_ok=True)
+            self.folders.append(made)
+
+    def stage(self, tmp: Path, path: Path) -> None:
+        """Take the finished temporary file ``tmp`` of ``path`` (fsynced, mode set)."""
+        key = str(path.absolute())
+        self.staged = [s for s in self.staged if s.path.absolute() != path.absolute()]
+        self.staged.append(_Staged(tmp, path, key in _EXCLUSIVE, _MATCH.pop(key, None)))
+        _EXCLUSIVE.discard(key)
+
+    def verb(self, path: Path) -> str:
+        """``unchanged`` if ``path`` kept its identical content, else ``wrote``."""
+        return "unchanged" if Path(path) in self.unchanged else "wrote"
+
+    def commit(self) -> None:
+        """Compare, then rename every staged output into place, or none (see the class)."""
+        try:
+            pending = self._compare()
+            for item in pending:
+                try:
+                    _commit_one(item)
+                except OSError as exc:
+                    raise _write_error(item.path, exc) from None
+        except BaseException:
+            self._roll_back()
+            raise
+        for item in pending:
+            if item.backup is not None:
+                item.backup.unlink(missing_ok=True)
+            self.written.append(item.path)
+        for folder in {_folder(item.path) for item in pending}:
+            _fsync_folder(folder)
+        self.staged = []
+
+    def _compare(self) -> list[_Staged]:
+        """Drop the outputs identical to their existing file; refuse a different one."""
+        pending = []
+        for item in self.staged:
+            if item.match is not None and item.path.exists():
+                if not _same_bytes(item.tmp, item.path):
+                    raise OutputFileError(item.match)
+                item.tmp.unlink(missing_ok=True)
+                self.unchanged.append(item.path)
+            else:
+                pending.append(item)
+        return pending
+
+    def _roll_back(self) -> None:
+        """Undo the committed outputs (latest first) and remove every temporary file."""
+        for item in reversed(self.staged):
+            with contextlib.suppress(OSError):
+                moved_aside = item.backup is not None and not os.path.lexists(item.path)
+                if item.backup is not None and (item.done or moved_aside):
+                    os.replace(item.backup, item.path)
+                elif item.done:
+                    item.path.unlink()
+            with contextlib.suppress(OSError):
+                item.tmp.unlink(missing_ok=True)
+                if item.backup is not None:
+                    item.backup.unlink(missing_ok=True)
+        self.staged = []
+        self._remove_folders()
+
+    def _remove_folders(self) -> None:
+        for folder in reversed(self.folders):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        self.folders = []
+
+    def abort(self) -> None:
+        """Remove every temporary file; commit nothing."""
+        for item in self.staged:
+            item.tmp.unlink(missing_ok=True)
+        self.staged = []
+        self._remove_folders()
+
+
+def _folder(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+def _commit_one(item: _Staged) -> None:
+    """Move ``item.tmp`` to ``item.path``: exclusively (a hard link) if it was planned new,
+    else by an atomic rename after keeping the old file as ``item.backup``."""
+    tmp, path = item.tmp, item.path
+    if item.exclusive or item.match is not None:
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -271,16 +444,66 @@ def _commit(tmp: Path, path: Path) -> None:
                     f"{path}: already exists; pass force=True to overwrite it"
                 ) from None
             os.replace(tmp, path)
+            item.done = True
         else:
+            item.done = True
             tmp.unlink()
-    else:
-        os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
-        dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+        return
+    if os.path.lexists(path):
+        backup = path.with_name(f".{path.name}{TMP_MARK}bak-{os.getpid()}")
+        backup.unlink(missing_ok=True)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            os.link(path, backup, follow_symlinks=False)
+        except OSError:  # no hard links here: move the old file aside instead
+            os.replace(path, backup)
+        item.backup = backup
+    os.replace(tmp, path)
+    item.done = True
+
+
+#: The transaction :func:`replacing` stages into (innermost last); empty: commit at once.
+_ACTIVE: list[Transaction] = []
+
+
+@contextmanager
+def transaction() -> Iterator[Transaction]:
+    """Commit every output written in the block together, or none (:class:`Transaction`).
+
+    Nested blocks join the outermost one.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> with transaction() as tx:
+    ...     _ = atomic_write(folder / "a.txt", "a")
+    ...     (folder / "a.txt").exists()
+    False
+    >>> (folder / "a.txt").read_text(), tx.written == [folder / "a.txt"]
+    ('a', True)
+    """
+    if _ACTIVE:
+        yield _ACTIVE[0]
+        return
+    tx = Transaction()
+    _ACTIVE.append(tx)
+    try:
+        yield tx
+    except BaseException:
+        tx.abort()
+        raise
+    finally:
+        _ACTIVE.remove(tx)
+    tx.commit()
+
+
+def _stage_file(tmp: Path, path: Path) -> None:
+    """fsync ``tmp`` and give it the mode a plain ``open()`` would."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
 
 
 @contextmanager
@@ -290,7 +513,8 @@ def replacing(path: Path) -> Iterator[Path]:
     The temporary file (:func:`temp_name`) is created exclusively, gets the mode a plain
     ``open()`` would give (``0666 & ~umask``), is fsynced before the rename, and is removed on
     any error, leaving ``path`` as it was. Stale temporary files of killed runs are removed
-    first (:func:`remove_stale_temps`).
+    first (:func:`remove_stale_temps`). Inside a :func:`transaction` the rename waits for the
+    end of the transaction; outside, the file is committed as a transaction of its own.
 
     Raises
     ------
@@ -299,26 +523,28 @@ def replacing(path: Path) -> Iterator[Path]:
         the free space), or ``path`` was planned as new and another process created it.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = _folder(path)
     tmp = temp_name(path)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
-        tmp.unlink(missing_ok=True)
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError as exc:
-        raise OutputFileError(f"{folder}: cannot write here ({exc.strerror})") from None
-    try:
+    with transaction() as tx:
         try:
-            yield tmp
-            _commit(tmp, path)
+            tx.make_folder(folder.absolute())
+            remove_stale_temps(path)
+            tmp.unlink(missing_ok=True)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as exc:
-            raise _write_error(path, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:  # exclusivity applies to the one write the plan announced
-        _EXCLUSIVE.discard(str(path.absolute()))
+            raise OutputFileError(f"{folder}: cannot write here ({exc.strerror})") from None
+        try:
+            try:
+                yield tmp
+                _stage_file(tmp, path)
+            except OSError as exc:
+                raise _write_error(path, exc) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            _EXCLUSIVE.discard(str(path.absolute()))  # the marks were for this one write
+            _MATCH.pop(str(path.absolute()), None)
+            raise
+        tx.stage(tmp, path)
 
 
 @contextmanager
@@ -422,9 +648,9 @@ def write_unchanged_or_new(
 ) -> bool:
     """Write a set of files that a rerun reproduces byte for byte; return True if unchanged.
 
-    When every target already holds exactly its data nothing is written (rerunning a seeded
-    command is not an error); when one holds other data it needs ``force``; missing targets
-    are written.
+    Files that already hold exactly their data are left in place (rerunning a seeded command is
+    not an error); one that holds other data needs ``force`` (then nothing is written); missing
+    targets are written. All in one :func:`transaction`.
 
     Raises
     ------
@@ -432,15 +658,10 @@ def write_unchanged_or_new(
         A target exists with different content and ``force`` is False.
     """
     blobs = [(Path(p), d.encode() if isinstance(d, str) else d) for p, d in files]
-    present = [(p, d) for p, d in blobs if p.exists()]
-    if present and len(present) == len(blobs) and all(p.read_bytes() == d for p, d in present):
-        return True
-    if not force:
-        for p, d in present:
-            if p.read_bytes() != d:
-                raise OutputFileError(
-                    f"{p}: exists with different content; pass force=True to overwrite it"
-                )
-    for p, d in blobs:
-        atomic_write(p, d, force=True)
-    return False
+    unchanged = all(p.is_file() and p.read_bytes() == d for p, d in blobs)
+    plan = OutputPlan(force=force)
+    with transaction():
+        for p, d in blobs:
+            plan.add(p, replace=True)
+            atomic_write(p, d, force=True)
+    return unchanged

@@ -12,6 +12,8 @@ from numpy.typing import NDArray
 
 from varshift.core.dropout import InputMoments
 from varshift.core.errors import InputFileError
+from varshift.core.npy import header_problem
+from varshift.core.validate import MAX_ELEMENTS
 
 FloatArray = NDArray[np.float64]
 
@@ -115,12 +117,16 @@ def load_activations(path: str | Path) -> FloatArray:
 
 
 def _read_npy(p: Path) -> NDArray[np.generic]:
-    """A numeric ``.npy`` array, read without unpickling."""
+    """A numeric ``.npy`` array, read without unpickling, its header checked first."""
     try:
         with p.open("rb") as fh:
             magic = fh.read(6)
         if magic != b"\x93NUMPY":
             raise InputFileError(f"{p}: is not a valid .npy file")
+        with p.open("rb") as fh:  # before np.load allocates what the header declares
+            problem = header_problem(fh, p.stat().st_size, max_values=MAX_ELEMENTS)
+        if problem:
+            raise InputFileError(f"{p}: {problem}")
         arr = np.load(p, allow_pickle=False)
     except ValueError as exc:
         why = "holds pickled objects" if "pickle" in str(exc) else "is not a valid .npy file"

@@ -214,7 +214,7 @@ def run_recalibrate(config: RecalibrateConfig, progress: Progress | None = None)
         progress=progress,
     )
     data = checkpoint_bytes(loaded, result.model)
-    out = atomic_write(Path(config.output), data, force=config.force)
+    out = atomic_write(Path(config.output), data, force=True)  # planned by _check_output
     return RecalibrateJob(result, out, loaded.source)
 
 

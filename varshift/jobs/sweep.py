@@ -29,6 +29,7 @@ from varshift.core.errors import ValidationError
 from varshift.core.presets import Preset, resolve_preset
 from varshift.core.theory import TheoryConfig, check_rho, shift_direct, theory_table
 from varshift.core.topology import TOPOLOGIES
+from varshift.core.validate import check_seed
 from varshift.jobs._meta import run_metadata
 from varshift.jobs.axes import MAX_AXIS_VALUES, parse_axis, parse_choices
 from varshift.jobs.executor import make_executor
@@ -254,6 +255,8 @@ def sweep(
     >>> [round(r.shift_ratio, 12) for r in res.rows]
     [0.8, 0.5]
     """
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        check_seed(rng)
     config = validated(config)
     presets = {fw: resolve_preset(fw, config.momentum) for fw in config.frameworks}
     points = list(grid_points(config))

@@ -23,12 +23,28 @@ from varshift.core.topology import (
     check_topology,
     with_field,
 )
-from varshift.core.validate import check_choice, check_finite, check_int, check_range
+from varshift.core.validate import (
+    MAX_WORK,
+    check_choice,
+    check_finite,
+    check_int,
+    check_range,
+)
 from varshift.jobs.axes import clean_number, parse_axis, parse_choices
 from varshift.jobs.sweep_points import GridPoint
 
 #: Grids with more points than this need ``force=True`` (``--force``).
 MAX_POINTS = 10_000
+
+#: The most points any grid may have, also with ``force``: each point's row, record and table
+#: cell take ~2 KB, so this is ~2 GiB of memory.
+HARD_MAX_POINTS = 2**20
+
+#: The most values a simulated sweep may push through the engine in total (Σ over points and
+#: replicates of steps × batch × values per row) without ``force``: the budget of one
+#: simulation (:data:`varshift.core.validate.MAX_WORK`, tens of minutes on one core).
+#: ``force`` lifts it; each point's simulation stays within the engine's own limits.
+MAX_SWEEP_WORK = MAX_WORK
 
 
 @dataclass(frozen=True)
@@ -147,10 +163,23 @@ def validated(config: SweepConfig) -> SweepConfig:
             f"{config.topology!r}"
         )
     n = config.n_points
+    if n > HARD_MAX_POINTS:
+        raise ValidationError(
+            f"the grid has {n} points, more than the ceiling of {HARD_MAX_POINTS} (~2 KB of "
+            "memory each, also with force=True); narrow an axis"
+        )
     if n > config.max_points and not config.force:
         raise ValidationError(
             f"the grid has {n} points, more than the limit of {config.max_points}; "
             "pass force=True to run it anyway, or narrow an axis"
+        )
+    work = simulation_work(config)
+    if work > MAX_SWEEP_WORK and not config.force:
+        raise ValidationError(
+            f"the simulated sweep would push {work:.3g} values through the engine (Σ steps × "
+            f"batch × values per row over {n} points × {config.seeds} seed(s)); at most "
+            f"{MAX_SWEEP_WORK:.3g}: pass force=True to run it anyway, or reduce steps, reps, "
+            "batch sizes or the grid"
         )
     return replace(
         config,
@@ -164,6 +193,24 @@ def validated(config: SweepConfig) -> SweepConfig:
         rhos=tuple(float(r) for r in config.rhos),
         Ds=tuple(float(d) for d in config.Ds),
     )
+
+
+def simulation_work(config: SweepConfig) -> float:
+    """The values a simulated sweep pushes through the engine: Σ over points and replicates of
+    steps × batch × values per row (``reps`` features, or the linear unit's width); 0 without
+    ``simulate``. In closed form, without building the grid."""
+    if not config.simulate:
+        return 0.0
+    w_axis, d_axis = config.widths or (None,), config.Ds or (None,)
+    if not TOPOLOGIES[config.topology].mixes:
+        row_sum = float(config.reps * len(w_axis) * len(d_axis))
+    elif config.widths:
+        row_sum = float(len(d_axis) * sum(config.widths))
+    else:
+        row_sum = float(sum(max(1, math.ceil(d - 1e-9)) for d in config.Ds) or 1)
+    rest = config.n_points / (len(config.batch_sizes) * len(w_axis) * len(d_axis))
+    per_step = float(sum(config.batch_sizes)) * row_sum * rest
+    return float(config.steps) * config.seeds * per_step
 
 
 def _check_axes(config: SweepConfig) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from varshift.core.files import OutputPlan, atomic_write
+from varshift.core.files import OutputPlan, Transaction, atomic_write
 from varshift.present.report import render_text
 from varshift.present.table import Grid
 
@@ -113,6 +113,17 @@ def write_visuals(
         title, sections, metadata = page
         written.append(write_page(visuals.html, title, sections(), metadata))
     return written
+
+
+def outcome(tx: Transaction, paths: Sequence[Path]) -> list[str]:
+    """``wrote a and b`` / ``unchanged a and b`` (a rerun's identical files, left in place) /
+    both, for the ``paths`` a committed :class:`~varshift.core.files.Transaction` handled."""
+    lines = []
+    for verb in ("wrote", "unchanged"):
+        mine = [str(p) for p in paths if tx.verb(p) == verb]
+        if mine:
+            lines.append(f"{verb} {' and '.join(mine)}")
+    return lines
 
 
 def inline(drawn: Sequence[Drawn]) -> tuple[Any, ...]:

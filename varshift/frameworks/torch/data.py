@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from varshift.core.errors import InputFileError, ValidationError
+from varshift.core.npy import header_problem
 from varshift.core.validate import check_int
 from varshift.frameworks.torch.imports import first_line, resolve_import_path, short
 
@@ -176,6 +177,29 @@ def _pick(
     )
 
 
+def _check_headers(path: Path) -> None:
+    """Check the header of a ``.npy`` file or of each ``.npy`` member of a ``.npz`` before
+    ``np.load`` allocates the shape it declares (:func:`varshift.core.npy.header_problem`)."""
+    import zipfile
+
+    if path.suffix.lower() == ".npy":
+        with path.open("rb") as fh:
+            problem = header_problem(fh, path.stat().st_size)
+        if problem:
+            raise InputFileError(f"{path}: {problem}")
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith(".npy"):
+                    with zf.open(info) as fh:
+                        problem = header_problem(fh, info.file_size)  # type: ignore[arg-type]
+                    if problem:
+                        raise InputFileError(f"{path}: {info.filename}: {problem}")
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputFileError(f"{path}: not a readable .npz file: {first_line(exc)}") from None
+
+
 def _read_arrays(path: Path) -> dict[str, np.ndarray[Any, Any]]:
     """Every array of a npy/npz/safetensors/csv file (csv: ``{"columns": ..., names...}``)."""
     if not path.is_file():
@@ -183,8 +207,10 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray[Any, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
+            _check_headers(path)
             return {"": np.load(path, allow_pickle=False)}
         if suffix == ".npz":
+            _check_headers(path)
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
         if suffix == ".safetensors":
