@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from varshift.core.dropout import DEFAULT_KIND, KINDS
 from varshift.core.errors import InputFileError, ValidationError
 from varshift.core.files import OutputPlan
+from varshift.core.frames import TableResult
 from varshift.core.presets import DEFAULT_FRAMEWORK, Preset, resolve_preset
 from varshift.formats import BNStats, output_format, read_stats, write_stats
 from varshift.jobs._meta import run_metadata
@@ -108,8 +109,9 @@ def _containers(stats: BNStats, keys: Sequence[str]) -> dict[str, object]:
 
 
 @dataclass(frozen=True)
-class InspectResult:
-    """One row per BatchNorm layer of a file, the convention used, notes and metadata."""
+class InspectResult(TableResult):
+    """One row per BatchNorm layer of a file, the convention used, notes and metadata
+    (``to_frame()``: the rows, the columns of :class:`~varshift.jobs.correct.LayerInspection`)."""
 
     file: Path
     format: str
@@ -117,6 +119,16 @@ class InspectResult:
     rows: tuple[LayerInspection, ...]
     notes: tuple[str, ...]
     metadata: Mapping[str, Any]
+
+    row_type: ClassVar[type] = LayerInspection
+
+    def table_rows(self) -> tuple[LayerInspection, ...]:
+        """One row per BatchNorm layer."""
+        return self.rows
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return f"BatchNorm statistics in {self.file.name} ({self.preset.name} conventions)"
 
     @property
     def flagged(self) -> int:
@@ -236,8 +248,9 @@ class CorrectJob:
 
 
 @dataclass(frozen=True, eq=False)
-class CorrectResult:
-    """The correction of one file: per-layer rows, corrected statistics, what was written."""
+class CorrectResult(TableResult):
+    """The correction of one file: per-layer rows, corrected statistics, what was written
+    (``to_frame()``: the rows, the columns of :class:`~varshift.jobs.correct.LayerCorrection`)."""
 
     job: CorrectJob
     config: CorrectionConfig
@@ -247,10 +260,20 @@ class CorrectResult:
     notes: tuple[str, ...]
     metadata: Mapping[str, Any]
 
+    row_type: ClassVar[type] = LayerCorrection
+
     @property
     def rows(self) -> tuple[LayerCorrection, ...]:
         """One :class:`~varshift.jobs.correct.LayerCorrection` per layer."""
         return self.correction.rows
+
+    def table_rows(self) -> tuple[LayerCorrection, ...]:
+        """One row per BatchNorm layer."""
+        return self.rows
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return f"{self.correction.table_caption()} in {self.job.file.name}"
 
 
 def default_report(output: Path) -> Path:

@@ -25,12 +25,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
+from typing import ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from varshift.core.dropout import DEFAULT_KIND, KINDS, Dropout, InputMoments
 from varshift.core.errors import InputFileError, ValidationError
+from varshift.core.frames import TableResult
 from varshift.core.presets import DEFAULT_FRAMEWORK, PRESETS, Preset
 from varshift.core.theory import corrected_variance, running_stats, updates_to_forget
 from varshift.core.validate import check_choice, check_range
@@ -292,12 +294,23 @@ class LayerCorrection:
 
 
 @dataclass(frozen=True, eq=False)
-class CorrectionResult:
-    """What :func:`correct_stats` did: per-layer rows, the corrected statistics, warnings."""
+class CorrectionResult(TableResult):
+    """What :func:`correct_stats` did: per-layer rows, the corrected statistics, warnings
+    (``to_frame()``: one row per layer, the columns of :class:`LayerCorrection`)."""
 
     rows: tuple[LayerCorrection, ...]
     stats: BNStats
     warnings: tuple[str, ...]
+
+    row_type: ClassVar[type] = LayerCorrection
+
+    def table_rows(self) -> tuple[LayerCorrection, ...]:
+        """One row per BatchNorm layer."""
+        return self.rows
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return f"{self.corrected} of {len(self.rows)} BatchNorm layer(s) corrected"
 
     @property
     def corrected(self) -> int:
