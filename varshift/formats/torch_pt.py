@@ -2,8 +2,12 @@
 
 A state dict's ``P.running_mean``/``P.running_var`` (with ``P.weight``, ``P.bias``,
 ``P.num_batches_tracked``), at the top level or nested in a training checkpoint under
-``state_dict``, ``model``, ... Read with ``torch.load(weights_only=True)`` only, so a file
-cannot run code when it is read. Optional extra ``torch``.
+``state_dict``, ``model``, ... A checkpoint may hold several (timm's ``state_dict`` and
+``state_dict_ema``; Lightning's ``state_dict`` and ``callbacks/<EMA callback>/<key>``): each is
+read, its layers named ``LABEL:LAYER`` (:attr:`BNStats.containers`), and the writer replaces
+the changed tensors in the state dict each layer came from. Read with
+``torch.load(weights_only=True)`` only, so a file cannot run code when it is read. Optional
+extra ``torch``.
 """
 
 from __future__ import annotations
