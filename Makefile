@@ -68,7 +68,7 @@ test-min:
 	  open('$(MIN_VENV)/test.txt', 'w').write('\n'.join(test) + '\n')"
 	$(MIN_VENV)/bin/python -m pip install --quiet -c $(MIN_VENV)/min.txt -e ".[plot,keras,safetensors,dask]" -r $(MIN_VENV)/test.txt
 	$(MIN_VENV)/bin/python -m pip freeze | grep -iE '^(numpy|typer|rich|pandas|tabulate|h5py|safetensors|matplotlib|dask|torch)=='
-	# typer 0.16.0 imports click.utils.get_*_stream, which click >= 8.2 deprecates: a
+	# typer 0.16.0 (the minimum until issue 14) imports click.utils.get_*_stream, which click >= 8.2 deprecates: a
 	# warning the suite's filterwarnings=error would turn into collection errors.
 	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		-W "ignore:'click.utils.get_:DeprecationWarning"
