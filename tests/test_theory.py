@@ -139,6 +139,20 @@ def test_naive_correction_over_subtracts_for_a_biased_preset() -> None:
     assert float(a) == pytest.approx(float(b)) == pytest.approx(v)
 
 
+def test_correction_returns_floats_for_scalars_and_arrays_for_arrays() -> None:
+    torch, drop = resolve_preset("torch"), Dropout("bernoulli", 0.5)
+    # q (V + mu²) - mu² with q = 0.5, mu = 1, V = 5: 2; the mean does not move
+    for mu, var in ((1.0, 5.0), (1, 5), (np.float32(1.0), np.float64(5.0))):
+        out = corrected_variance(mu, var, drop, torch)
+        assert type(out[0]) is float and type(out[1]) is float
+        assert out == (1.0, 2.0)
+    mean, var = corrected_variance(np.array(1.0), np.array(5.0), drop, torch)
+    assert isinstance(var, np.ndarray) and var.shape == () and float(var) == 2.0
+    mean, var = corrected_variance(1.0, [5.0, 3.0], drop, torch)  # broadcast: arrays
+    assert isinstance(mean, np.ndarray) and mean.tolist() == [1.0, 1.0]
+    assert isinstance(var, np.ndarray) and var.tolist() == [2.0, 1.0]
+
+
 def test_correction_is_vectorised_over_channels() -> None:
     mu = np.array([0.0, 1.0, -2.0])
     var = np.array([2.0, 3.0, 8.0])

@@ -11,7 +11,7 @@ import typer
 from varshift.cli._common import DropoutKind, Framework, OutputFormat, app, parse_momentum
 from varshift.core.dropout import DEFAULT_KIND
 from varshift.core.errors import ValidationError
-from varshift.core.files import OutputPlan, transaction
+from varshift.core.files import OutputPlan, Transaction, transaction
 from varshift.jobs.checkpoint import CorrectJob, correct_file, default_report, inspect_file
 from varshift.present import checkpoint as show
 from varshift.present.output import Visuals, emit, outcome, plan_visuals
@@ -49,6 +49,8 @@ Examples:
   varshift inspect model.weights.h5 --format csv
 
   varshift inspect stats.npz --framework keras --momentum 0.9
+
+  varshift inspect last.ckpt --key state_dict_ema
 """
 
 CORRECT_EPILOG = """\
@@ -70,6 +72,8 @@ Examples:
 
   varshift correct model.pt --rate 0.5 --dry-run
 
+  varshift correct last.ckpt --rate 0.2 --key state_dict_ema -o fixed.ckpt
+
   varshift correct model.pt --rate 0.5 --dry-run --plot figs --html correct.html
 """
 
@@ -88,6 +92,16 @@ def inspect(
     fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = (
         OutputFormat.table
     ),
+    key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key",
+            metavar="NAME",
+            help="In a checkpoint holding several state dicts (state_dict and "
+            "state_dict_ema; a Lightning EMA callback's): only these (repeatable or a comma "
+            "list) [default: every one].",
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the table to this file.")
     ] = None,
@@ -99,11 +113,15 @@ def inspect(
     Per layer: channels, the stored update count, mean/min/max of the running variance and
     running mean, and flags: statistics still at their initial values (mean 0, var 1), too
     few updates for the momentum to forget the initial value (fewer than
-    `varshift theory` calls updates_to_1pct), non-finite or non-positive variances.
+    `varshift theory` calls updates_to_1pct), non-finite or non-positive variances. A
+    checkpoint holding several state dicts (state_dict and state_dict_ema) gets rows for
+    each, named STATE_DICT:LAYER; --key chooses some.
     """
     plan = OutputPlan([file], force=force)
     plan.add_all([output] if output else [], "--output")
-    result = inspect_file(file, framework and framework.value, parse_momentum(momentum))
+    result = inspect_file(
+        file, framework and framework.value, parse_momentum(momentum), tuple(key or ())
+    )
     _notes(result.notes, quiet)
     df, human, title = show.inspect_tables(result)
     with transaction() as tx:
@@ -135,6 +153,16 @@ def correct(
     exclude: Annotated[
         list[str] | None,
         typer.Option(metavar="PATTERN", help="Glob of layers to leave alone; repeatable."),
+    ] = None,
+    key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key",
+            metavar="NAME",
+            help="In a checkpoint holding several state dicts (state_dict and "
+            "state_dict_ema; a Lightning EMA callback's): only these (repeatable or a comma "
+            "list) [default: every one].",
+        ),
     ] = None,
     dropout: Annotated[DropoutKind, typer.Option(help="Dropout kind before the BN layers.")] = (
         DropoutKind(DEFAULT_KIND)
@@ -257,6 +285,11 @@ def correct(
     variance ≤ 0 is an error unless it is within noise of zero, then it is clipped to the
     framework's eps with a warning.
 
+    A checkpoint holding several state dicts with BatchNorm statistics (timm's state_dict
+    and state_dict_ema; a Lightning checkpoint's state_dict and an EMA callback's) gets each
+    corrected, its rows named STATE_DICT:LAYER; --key chooses some. --layer and --exclude
+    globs match either name (bn1 or state_dict_ema:bn1).
+
     `--plot DIR` draws each layer's mean running variance before and after (PNG and SVG;
     needs matplotlib); `--html FILE` writes one self-contained page with the chart and the
     before/after table. Both are written with `--dry-run` too, as a preview.
@@ -286,6 +319,7 @@ def correct(
         input_key=input_key,
         max_batches=max_batches,
         input_shape=parse_shape(input_shape),
+        keys=tuple(key or ()),
     )
     with transaction() as tx:  # every output or none
         result = correct_file(job, plan)
@@ -296,6 +330,13 @@ def correct(
         to_table(result.rows), fmt.value, metadata=result.metadata, title=show.correct_title(result)
     )
     _notes([f"warning: {w}" for w in result.correction.warnings], False)  # clipping: never quiet
+    _written(tx, dry_run, written, shown, quiet)
+
+
+def _written(
+    tx: Transaction, dry_run: bool, written: list[Path], shown: list[Path], quiet: bool
+) -> None:
+    """What ``correct`` wrote or left unchanged (the corrected file and report; the visuals)."""
     what = "no corrected file or report written" if shown else "nothing written"
     _notes(outcome(tx, written) if not dry_run else [f"dry run: {what}"], quiet)
     _notes([line for path in shown for line in outcome(tx, [path])], quiet)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -337,6 +337,20 @@ def running_stats(
 # --- data-free correction -----------------------------------------------------------------------
 
 
+@overload
+def corrected_variance(
+    stored_mean: float,
+    stored_var: float,
+    dropout: Dropout,
+    preset: Preset,
+    batch_size: int | None = None,
+    *,
+    method: str = "debiased",
+    target: str = "framework",
+) -> tuple[float, float]: ...
+
+
+@overload
 def corrected_variance(
     stored_mean: ArrayLike,
     stored_var: ArrayLike,
@@ -346,7 +360,19 @@ def corrected_variance(
     *,
     method: str = "debiased",
     target: str = "framework",
-) -> tuple[FloatArray, FloatArray]:
+) -> tuple[FloatArray, FloatArray]: ...
+
+
+def corrected_variance(
+    stored_mean: ArrayLike,
+    stored_var: ArrayLike,
+    dropout: Dropout,
+    preset: Preset,
+    batch_size: int | None = None,
+    *,
+    method: str = "debiased",
+    target: str = "framework",
+) -> tuple[FloatArray, FloatArray] | tuple[float, float]:
     """Data-free correction of a BN's stored statistics when it directly follows dropout.
 
     Parameters
@@ -367,8 +393,10 @@ def corrected_variance(
     Returns
     -------
     mean, var:
-        Corrected running mean and variance (arrays). The variance may be ≤ 0 when the stored
-        value is inconsistent with the dropout rate; callers clip or reject it.
+        Corrected running mean and variance: Python floats when both inputs are scalars
+        (``float``, ``int``, NumPy scalars), else float64 arrays of the broadcast shape (a 0-d
+        array stays a 0-d array). The variance may be ≤ 0 when the stored value is
+        inconsistent with the dropout rate; callers clip or reject it.
 
     Notes
     -----
@@ -378,9 +406,11 @@ def corrected_variance(
     Examples
     --------
     >>> from varshift.core.presets import resolve_preset
-    >>> m, v = corrected_variance(0.0, 2.0, Dropout("bernoulli", 0.5), resolve_preset("torch"))
-    >>> float(v)
-    1.0
+    >>> torch = resolve_preset("torch")
+    >>> corrected_variance(0.0, 2.0, Dropout("bernoulli", 0.5), torch)
+    (0.0, 1.0)
+    >>> corrected_variance([0.0, 1.0], [2.0, 5.0], Dropout("bernoulli", 0.5), torch)[1]
+    array([1., 2.])
     """
     mu = np.asarray(stored_mean, dtype=np.float64)
     var = np.asarray(stored_var, dtype=np.float64)
@@ -394,10 +424,17 @@ def corrected_variance(
         factor = preset.stored_factor(n)
     if method == "naive":
         m, v = dropout.test_from_train(mu, var)  # type: ignore[arg-type]
-        return np.asarray(m, dtype=np.float64), np.asarray(v, dtype=np.float64)
-    m, v = dropout.test_from_train(mu, var / factor)  # type: ignore[arg-type]
-    rebias = factor if target == "framework" else 1.0
-    return np.asarray(m, dtype=np.float64), np.asarray(v, dtype=np.float64) * rebias
+        rebias = 1.0
+    else:
+        m, v = dropout.test_from_train(mu, var / factor)  # type: ignore[arg-type]
+        rebias = factor if target == "framework" else 1.0
+    mean = np.asarray(m, dtype=np.float64)
+    out = np.asarray(np.asarray(v, dtype=np.float64) * rebias)  # a 0-d product is a scalar
+    if mean.shape != out.shape:  # a scalar mean with per-channel variances, or the reverse
+        mean, out = (np.array(a) for a in np.broadcast_arrays(mean, out))
+    if np.isscalar(stored_mean) and np.isscalar(stored_var):
+        return float(mean), float(out)
+    return mean, out
 
 
 def gamma_star(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
+from varshift.core.frames import TableResult
 from varshift.engine.config import SimConfig
 
 FloatArray = NDArray[np.float64]
@@ -165,12 +166,14 @@ class SimSummary:
 
 
 @dataclass(frozen=True)
-class SimResult:
+class SimResult(TableResult):
     """What :func:`varshift.engine.simulate` returns.
 
     ``features`` has one row per BN feature; ``fit`` is set when ``config.fit``; ``weights`` is
     the linear map used by the ``linear`` topology (``None`` otherwise); ``trace`` is the
     running variance along the run when ``simulate(trace=...)`` asked for it.
+    ``to_frame()``: one row per feature, the columns of :class:`FeatureRow` (pandas); in a
+    notebook the result shows as that table.
     """
 
     config: SimConfig
@@ -179,6 +182,16 @@ class SimResult:
     fit: FitResult | None
     weights: FloatArray | None = field(default=None, compare=False, repr=False)
     trace: RunningTrace | None = field(default=None, compare=False, repr=False)
+
+    row_type: ClassVar[type] = FeatureRow
+
+    def table_rows(self) -> tuple[FeatureRow, ...]:
+        """One row per BN feature."""
+        return self.features
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return f"varshift simulate: one row per feature ({self.summary.steps} updates)"
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -104,7 +104,12 @@ class BNStats:
         ``None`` when the file does not say.
     container:
         Where a training checkpoint keeps its state dict (``state_dict``, ``model``, ...; ``""``
-        for the top level); informational.
+        for the top level; a nested one as ``callbacks/EMA/state_dict``); for a file with
+        several, their labels joined by ``", "``. Informational.
+    containers:
+        Layer name → the label of the state dict it was read from, when the file holds several
+        with BatchNorm statistics (a ``state_dict`` and a ``state_dict_ema``); the layer names
+        are then ``LABEL:NAME`` (``state_dict_ema:bn1``). Empty for one state dict.
     """
 
     layers: Mapping[str, BNLayer]
@@ -113,11 +118,36 @@ class BNStats:
     framework: str | None = None
     container: str = ""
     origin: Origin | None = field(default=None, repr=False)
+    containers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def where(self) -> str:
         """How messages name the file."""
         return str(self.source) if self.source is not None else "<statistics>"
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels of the state dicts read, in file order (one: :attr:`container`)."""
+        if not self.containers:
+            return (self.container,)
+        return tuple(dict.fromkeys(self.containers.values()))
+
+    def local_name(self, name: str) -> str:
+        """A layer's name inside its state dict (``state_dict_ema:bn1`` → ``bn1``)."""
+        label = self.containers.get(name)
+        return name.removeprefix(f"{label}:") if label is not None else name
+
+    def only(self, labels: Sequence[str]) -> BNStats:
+        """The layers of the state dicts labelled ``labels`` (the file itself is unchanged)."""
+        if not self.containers:
+            return self
+        keep = {n: layer for n, layer in self.layers.items() if self.containers[n] in labels}
+        return replace(
+            self,
+            layers=MappingProxyType(keep),
+            container=", ".join(label for label in self.labels if label in labels),
+            containers=MappingProxyType({n: self.containers[n] for n in keep}),
+        )
 
     def with_layers(self, layers: Mapping[str, BNLayer]) -> BNStats:
         """The same file with some layers' values replaced (same names, same order)."""
@@ -224,6 +254,7 @@ def make_stats(
     framework: str | None,
     origin: Origin,
     container: str = "",
+    containers: Mapping[str, str] | None = None,
 ) -> BNStats:
     """A :class:`BNStats` read from ``path`` (the registry adds the format's framework hint)."""
     return BNStats(
@@ -233,6 +264,7 @@ def make_stats(
         framework=framework,
         container=container,
         origin=origin,
+        containers=MappingProxyType(dict(containers or {})),
     )
 
 

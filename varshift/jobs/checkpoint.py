@@ -9,14 +9,15 @@ the presentation layer (:mod:`varshift.present.checkpoint`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from varshift.core.dropout import DEFAULT_KIND, KINDS
 from varshift.core.errors import InputFileError, ValidationError
 from varshift.core.files import OutputPlan
+from varshift.core.frames import TableResult
 from varshift.core.presets import DEFAULT_FRAMEWORK, Preset, resolve_preset
 from varshift.formats import FOLDER_FORMATS, BNStats, output_format, read_stats, write_stats
 from varshift.jobs._meta import run_metadata
@@ -37,6 +38,7 @@ __all__ = [
     "InspectResult",
     "correct_file",
     "inspect_file",
+    "select_containers",
 ]
 
 #: Formats of the correct report, by file extension.
@@ -64,9 +66,52 @@ def _framework(stats: BNStats, option: str | None) -> tuple[str, tuple[str, ...]
     return DEFAULT_FRAMEWORK, (note,)
 
 
+def select_containers(stats: BNStats, keys: Sequence[str]) -> BNStats:
+    """The layers of the state dicts named by ``--key`` (every one when ``keys`` is empty).
+
+    A key names a state dict by its label (``state_dict_ema``, ``callbacks/EMA/state_dict``)
+    or, when that is unambiguous, by the label's last part (``state_dict`` for
+    ``callbacks/EMA/state_dict`` if no other label ends so). Comma lists are split.
+
+    Raises
+    ------
+    ValidationError
+        A key that names no state dict of the file (the message lists those found).
+    """
+    wanted = [k.strip() for text in keys for k in text.split(",") if k.strip()]
+    if not wanted:
+        return stats
+    labels = stats.labels
+    chosen: list[str] = []
+    for key in wanted:
+        hits = [lab for lab in labels if lab == key] or [
+            lab for lab in labels if lab.rsplit("/", 1)[-1] == key
+        ]
+        if len(hits) != 1:
+            found = ", ".join(repr(lab) if lab else "'' (the top level)" for lab in labels)
+            rule = "names several" if hits else "names no state dict"
+            raise ValidationError(
+                f"--key {key!r} {rule} with BatchNorm statistics in {stats.where}; found: {found}"
+            )
+        chosen.append(hits[0])
+    return stats.only(chosen)
+
+
+def _containers(stats: BNStats, keys: Sequence[str]) -> dict[str, object]:
+    """Metadata parameters of the state dicts read, only when the file holds several or
+    ``--key`` was given (so single-container reports keep their bytes)."""
+    out: dict[str, object] = {}
+    if keys:
+        out["key"] = list(keys)
+    if stats.containers:
+        out["containers"] = list(stats.labels)
+    return out
+
+
 @dataclass(frozen=True)
-class InspectResult:
-    """One row per BatchNorm layer of a file, the convention used, notes and metadata."""
+class InspectResult(TableResult):
+    """One row per BatchNorm layer of a file, the convention used, notes and metadata
+    (``to_frame()``: the rows, the columns of :class:`~varshift.jobs.correct.LayerInspection`)."""
 
     file: Path
     format: str
@@ -75,6 +120,16 @@ class InspectResult:
     notes: tuple[str, ...]
     metadata: Mapping[str, Any]
 
+    row_type: ClassVar[type] = LayerInspection
+
+    def table_rows(self) -> tuple[LayerInspection, ...]:
+        """One row per BatchNorm layer."""
+        return self.rows
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return f"BatchNorm statistics in {self.file.name} ({self.preset.name} conventions)"
+
     @property
     def flagged(self) -> int:
         """Layers with at least one flag."""
@@ -82,20 +137,27 @@ class InspectResult:
 
 
 def inspect_file(
-    path: Path, framework: str | None = None, momentum: float | str | None = "default"
+    path: Path,
+    framework: str | None = None,
+    momentum: float | str | None = "default",
+    keys: Sequence[str] = (),
 ) -> InspectResult:
     """Read a checkpoint's BatchNorm statistics and summarise each layer.
 
     ``framework``: the convention that stored them (default: what the file implies, else
-    torch, with a note); ``momentum`` in that framework's own meaning.
+    torch, with a note); ``momentum`` in that framework's own meaning. A checkpoint holding
+    several state dicts (``state_dict`` and ``state_dict_ema``) gives rows for each, named
+    ``LABEL:LAYER``; ``keys`` chooses some (:func:`select_containers`).
 
     Raises
     ------
     InputFileError
         The file cannot be read or holds no BatchNorm statistics.
+    ValidationError
+        A key names no state dict of the file.
     """
     path = Path(path)
-    stats = read_stats(path)
+    stats = select_containers(read_stats(path), keys)
     _require_layers(stats)
     name, notes = _framework(stats, framework)
     preset = resolve_preset(name, momentum)
@@ -106,6 +168,7 @@ def inspect_file(
         "container": stats.container,
         "framework": preset.name,
         "momentum": preset.momentum,
+        **_containers(stats, keys),
     }
     return InspectResult(path, stats.format, preset, rows, notes, run_metadata("inspect", params))
 
@@ -141,6 +204,9 @@ class CorrectJob:
     input_shape:
         Shape of one input sample; one forward pass on zeros gives each convolution's input
         size, so its zero padding is counted.
+    keys:
+        ``--key``: the state dicts to correct in a checkpoint holding several (labels, or
+        comma lists of them; :func:`select_containers`); empty: every one.
     """
 
     file: Path
@@ -163,6 +229,7 @@ class CorrectJob:
     data_batch_size: int = 256
     max_batches: int | None = None
     input_shape: tuple[int, ...] | None = None
+    keys: tuple[str, ...] = ()
 
     @property
     def structured(self) -> bool:
@@ -181,8 +248,9 @@ class CorrectJob:
 
 
 @dataclass(frozen=True, eq=False)
-class CorrectResult:
-    """The correction of one file: per-layer rows, corrected statistics, what was written."""
+class CorrectResult(TableResult):
+    """The correction of one file: per-layer rows, corrected statistics, what was written
+    (``to_frame()``: the rows, the columns of :class:`~varshift.jobs.correct.LayerCorrection`)."""
 
     job: CorrectJob
     config: CorrectionConfig
@@ -192,10 +260,20 @@ class CorrectResult:
     notes: tuple[str, ...]
     metadata: Mapping[str, Any]
 
+    row_type: ClassVar[type] = LayerCorrection
+
     @property
     def rows(self) -> tuple[LayerCorrection, ...]:
         """One :class:`~varshift.jobs.correct.LayerCorrection` per layer."""
         return self.correction.rows
+
+    def table_rows(self) -> tuple[LayerCorrection, ...]:
+        """One row per BatchNorm layer."""
+        return self.rows
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return f"{self.correction.table_caption()} in {self.job.file.name}"
 
 
 def default_report(output: Path) -> Path:
@@ -221,7 +299,7 @@ def correct_file(job: CorrectJob, plan: OutputPlan | None = None) -> CorrectResu
         return correct_model_file(job, plan)
     if job.data is not None or job.input_shape is not None:
         raise ValidationError("--data and --input-shape need the model's structure: give --model")
-    stats = read_stats(job.file)
+    stats = select_containers(read_stats(job.file), job.keys)
     _require_layers(stats)
     name, notes = _framework(stats, job.framework)
     config = CorrectionConfig(
@@ -277,4 +355,5 @@ def parameters(job: CorrectJob, stats: BNStats, config: CorrectionConfig) -> dic
         "batch_size": job.batch_size,
         "method": config.method,
         "target": config.target,
+        **_containers(stats, job.keys),
     }

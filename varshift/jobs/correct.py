@@ -22,15 +22,17 @@ known; then the channel is clipped to the framework's eps with a warning. Never 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
+from typing import ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from varshift.core.dropout import DEFAULT_KIND, KINDS, Dropout, InputMoments
 from varshift.core.errors import InputFileError, ValidationError
+from varshift.core.frames import TableResult
 from varshift.core.presets import DEFAULT_FRAMEWORK, PRESETS, Preset
 from varshift.core.theory import corrected_variance, running_stats, updates_to_forget
 from varshift.core.validate import check_choice, check_range
@@ -163,9 +165,24 @@ class CorrectionConfig:
         return first + self.rules
 
 
-def _unmatched(patterns: Sequence[str], names: Sequence[str], option: str, where: str) -> None:
+def layer_matches(name: str, pattern: str, local: Mapping[str, str] | None = None) -> bool:
+    """Whether a glob matches a layer's name or, in a checkpoint holding several state dicts,
+    its name inside its state dict (``bn1`` matches ``state_dict:bn1`` and
+    ``state_dict_ema:bn1``; ``state_dict_ema:*`` only the second)."""
+    if fnmatchcase(name, pattern):
+        return True
+    return local is not None and fnmatchcase(local.get(name, name), pattern)
+
+
+def _unmatched(
+    patterns: Sequence[str],
+    names: Sequence[str],
+    option: str,
+    where: str,
+    local: Mapping[str, str] | None,
+) -> None:
     for pattern in patterns:
-        if not any(fnmatchcase(name, pattern) for name in names):
+        if not any(layer_matches(name, pattern, local) for name in names):
             shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
             raise ValidationError(
                 f"{where}: {option} pattern {pattern!r} matches no layer; layers: {shown}"
@@ -173,9 +190,15 @@ def _unmatched(patterns: Sequence[str], names: Sequence[str], option: str, where
 
 
 def select_rates(
-    names: Sequence[str], config: CorrectionConfig, where: str
+    names: Sequence[str],
+    config: CorrectionConfig,
+    where: str,
+    local: Mapping[str, str] | None = None,
 ) -> dict[str, float | None]:
     """Layer name → the rate to correct it with, or ``None`` (not selected or excluded).
+
+    ``local``: name → the layer's name inside its state dict, for a checkpoint holding
+    several (:func:`layer_matches`).
 
     Raises
     ------
@@ -183,19 +206,26 @@ def select_rates(
         If a ``--layer`` or ``--exclude`` pattern matches no layer (a typo would otherwise
         silently leave a layer uncorrected).
     """
-    _unmatched([r.pattern for r in config.rules], names, "--layer", where)
-    _unmatched(list(config.exclude), names, "--exclude", where)
+    _unmatched([r.pattern for r in config.rules], names, "--layer", where, local)
+    _unmatched(list(config.exclude), names, "--exclude", where, local)
     rules = config.rate_rules()
     out: dict[str, float | None] = {}
     for name in names:
         rate = None
         for rule in rules:
-            if fnmatchcase(name, rule.pattern):
+            if layer_matches(name, rule.pattern, local):
                 rate = rule.rate
-        if any(fnmatchcase(name, pattern) for pattern in config.exclude):
+        if any(layer_matches(name, pattern, local) for pattern in config.exclude):
             rate = None
         out[name] = rate
     return out
+
+
+def local_names(stats: BNStats) -> dict[str, str] | None:
+    """Layer name → its name inside its state dict, when ``stats`` holds several; else ``None``."""
+    if not stats.containers:
+        return None
+    return {name: stats.local_name(name) for name in stats.layers}
 
 
 # --- correction -------------------------------------------------------------------------------
@@ -264,12 +294,23 @@ class LayerCorrection:
 
 
 @dataclass(frozen=True, eq=False)
-class CorrectionResult:
-    """What :func:`correct_stats` did: per-layer rows, the corrected statistics, warnings."""
+class CorrectionResult(TableResult):
+    """What :func:`correct_stats` did: per-layer rows, the corrected statistics, warnings
+    (``to_frame()``: one row per layer, the columns of :class:`LayerCorrection`)."""
 
     rows: tuple[LayerCorrection, ...]
     stats: BNStats
     warnings: tuple[str, ...]
+
+    row_type: ClassVar[type] = LayerCorrection
+
+    def table_rows(self) -> tuple[LayerCorrection, ...]:
+        """One row per BatchNorm layer."""
+        return self.rows
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return f"{self.corrected} of {len(self.rows)} BatchNorm layer(s) corrected"
 
     @property
     def corrected(self) -> int:
@@ -425,14 +466,15 @@ def correct_stats(stats: BNStats, config: CorrectionConfig) -> CorrectionResult:
     [1.0, 2.0]
     """
     names = list(stats.layers)
-    rates = select_rates(names, config, stats.where)
+    local = local_names(stats)
+    rates = select_rates(names, config, stats.where, local)
     rows: list[LayerCorrection] = []
     warnings: list[str] = []
     new_layers: dict[str, BNLayer] = {}
     for name in names:
         layer, rate = stats.layers[name], rates[name]
         if rate is None:
-            excluded = any(fnmatchcase(name, p) for p in config.exclude)
+            excluded = any(layer_matches(name, p, local) for p in config.exclude)
             rows.append(left_alone(layer, "unknown", "excluded" if excluded else "not selected"))
             continue
         new, clipped, warning = correct_layer(layer, rate, config, stats.where)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from fnmatch import fnmatchcase
 
 import numpy as np
 
@@ -44,7 +43,9 @@ from varshift.jobs.correct import (
     LayerCorrection,
     check_layer_values,
     correct_layer,
+    layer_matches,
     left_alone,
+    local_names,
 )
 
 RECALIBRATE = "run `varshift recalibrate` with data"
@@ -255,8 +256,9 @@ def correct_with_structure(
         A layer's statistics are non-finite, negative, or inconsistent with its formula.
     """
     names = list(stats.layers)
+    local = local_names(stats)
     for pattern in config.exclude:
-        if not any(fnmatchcase(n, pattern) for n in names):
+        if not any(layer_matches(n, pattern, local) for n in names):
             raise ValidationError(f"{stats.where}: --exclude pattern {pattern!r} matches no layer")
     rows: list[LayerCorrection] = []
     warnings: list[str] = []
@@ -264,7 +266,7 @@ def correct_with_structure(
     for name in names:
         layer = stats.layers[name]
         s = structure.get(name) or LayerStructure(name, "unknown")
-        if any(fnmatchcase(name, p) for p in config.exclude):
+        if any(layer_matches(name, p, local) for p in config.exclude):
             rows.append(left_alone(layer, s.kind, "excluded"))
         elif s.kind == "none":
             rows.append(left_alone(layer, s.kind, "untouched", "no dropout upstream"))

@@ -33,7 +33,13 @@ from varshift.formats import (
     write_stats,
 )
 from varshift.jobs._meta import run_metadata
-from varshift.jobs.checkpoint import CorrectJob, CorrectResult, parameters, plan_outputs
+from varshift.jobs.checkpoint import (
+    CorrectJob,
+    CorrectResult,
+    parameters,
+    plan_outputs,
+    select_containers,
+)
 from varshift.jobs.correct import CorrectionConfig, CorrectionResult
 from varshift.jobs.graph_correct import correct_with_structure
 
@@ -51,7 +57,7 @@ def _torch() -> Any:
     return torch
 
 
-def _load(job: CorrectJob) -> LoadedModel:
+def _load(job: CorrectJob, container: tuple[str, ...] | None = None) -> LoadedModel:
     from varshift.frameworks.torch.load import load_model, parse_model_args
 
     is_archive = job.file.suffix.lower() == ".pt2"
@@ -61,7 +67,30 @@ def _load(job: CorrectJob) -> LoadedModel:
         )
     source = str(job.file) if is_archive else str(job.model)
     checkpoint = None if is_archive else job.file
-    return load_model(source, parse_model_args(job.model_args), checkpoint)
+    return load_model(source, parse_model_args(job.model_args), checkpoint, container)
+
+
+def _one_container(job: CorrectJob) -> tuple[BNStats, tuple[str, ...] | None]:
+    """The checkpoint's statistics (``--key`` applied) and the key path of the one state dict
+    the model is loaded from (``None``: found by the loader).
+
+    Raises
+    ------
+    ValidationError
+        The file holds several state dicts with BatchNorm statistics and ``--key`` does not
+        choose one: the structure-aware path loads one state dict into the model at a time.
+    """
+    stats = select_containers(read_stats(job.file), job.keys)
+    labels = stats.labels
+    if len(labels) > 1:
+        shown = ", ".join(labels)
+        raise ValidationError(
+            f"{job.file} holds {len(labels)} state dicts with BatchNorm statistics ({shown}); "
+            "correct --model loads one into the model at a time: choose it with --key NAME "
+            "(and run again with the other key, on the first run's output)"
+        )
+    paths = stats.origin.extra.get("paths", {}) if stats.origin is not None else {}
+    return stats, paths.get(labels[0]) if stats.containers else None
 
 
 def _module_stats(loaded: LoadedModel, path: Path) -> BNStats:
@@ -89,7 +118,8 @@ def _by_stats_name(
     """Structure keyed by the statistics' layer names (``module.`` prefixes of DataParallel)."""
     out = {}
     for name in stats.layers:
-        s = structure.get(name) or structure.get(name.removeprefix("module."))
+        local = stats.local_name(name)
+        s = structure.get(local) or structure.get(local.removeprefix("module."))
         if s is not None:
             out[name] = replace(s, layer=name)
     return out
@@ -206,8 +236,12 @@ def correct_model_file(job: CorrectJob, plan: OutputPlan | None = None) -> Corre
                 f"--output {job.output}: a torch.export archive is written as .pt2"
             )
         plan_outputs(job, plan or OutputPlan([job.file], force=job.force))
-    loaded = _load(job)
-    stats = _module_stats(loaded, job.file) if archive else read_stats(job.file)
+    if archive:
+        loaded = _load(job)
+        stats = _module_stats(loaded, job.file)
+    else:
+        stats, container = _one_container(job)
+        loaded = _load(job, container)
     if fmt is None:
         fmt = format_from_extension(job.output) if job.output else None
         fmt = fmt or stats.format
@@ -242,7 +276,7 @@ def correct_keras_file(job: CorrectJob, plan: OutputPlan | None = None) -> Corre
             f"{job.file}: --rate and --layer do not apply: the dropout rates are read from the "
             "model's architecture in the file (use --exclude to leave layers alone)"
         )
-    stats = read_stats(job.file)
+    stats = select_containers(read_stats(job.file), job.keys)
     config = replace(
         _config(job), preset=resolve_preset(job.framework or stats.framework or "keras")
     )

@@ -13,12 +13,14 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from varshift.core.errors import ValidationError
+from varshift.core.frames import TableResult
 from varshift.core.topology import ENGINE_TOPOLOGIES, TOPOLOGIES, check_topology, with_field
 from varshift.core.validate import check_seed
 from varshift.engine import SimConfig, SimResult, load_activations, simulate
+from varshift.engine.results import FeatureRow
 from varshift.jobs._meta import file_digest, run_metadata
 
 __all__ = [
@@ -60,13 +62,24 @@ class SimulateJob:
 
 
 @dataclass(frozen=True)
-class SimulateResult:
-    """The engine's result with the job's metadata and report file stem."""
+class SimulateResult(TableResult):
+    """The engine's result with the job's metadata and report file stem (``to_frame()``: the
+    engine result's, one row per feature)."""
 
     job: SimulateJob
     sim: SimResult
     metadata: Mapping[str, Any]
     report_stem: str
+
+    row_type: ClassVar[type] = FeatureRow
+
+    def table_rows(self) -> tuple[FeatureRow, ...]:
+        """One row per BN feature."""
+        return self.sim.features
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return self.sim.table_caption()
 
 
 def simulate_parameters(job: SimulateJob) -> dict[str, object]:

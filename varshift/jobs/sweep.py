@@ -20,12 +20,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from varshift.core.dropout import Dropout
 from varshift.core.errors import ValidationError
+from varshift.core.frames import TableResult
 from varshift.core.presets import Preset, resolve_preset
 from varshift.core.theory import TheoryConfig, check_rho, shift_direct, theory_table
 from varshift.core.topology import TOPOLOGIES
@@ -121,7 +122,7 @@ SIM_COLUMNS: tuple[str, ...] = tuple(
 
 
 @dataclass(frozen=True)
-class SweepResult:
+class SweepResult(TableResult):
     """A finished sweep.
 
     Attributes
@@ -137,6 +138,9 @@ class SweepResult:
         The axes with more than one value.
     metadata:
         Run metadata (set by :func:`run_sweep`).
+
+    ``to_frame()``: one row per grid point, the columns of :class:`SweepRow` (pandas); in a
+    notebook the result shows as that table.
     """
 
     config: SweepConfig
@@ -144,6 +148,16 @@ class SweepResult:
     seed_entropy: int | None = None
     varying: tuple[str, ...] = field(default=())
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    row_type: ClassVar[type] = SweepRow
+
+    def table_rows(self) -> tuple[SweepRow, ...]:
+        """One row per grid point."""
+        return self.rows
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return f"varshift sweep: {len(self.rows)} grid point(s)"
 
     def direct_ratios(
         self, dropout: str, mean: float, var: float

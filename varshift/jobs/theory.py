@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from varshift.core.errors import ValidationError
+from varshift.core.frames import TableResult
 from varshift.core.theory import TheoryConfig, TheoryRow, theory_table
 from varshift.core.validate import check_magnitude
 from varshift.jobs._meta import run_metadata
@@ -15,12 +16,26 @@ __all__ = ["TheoryConfig", "TheoryResult", "input_variance", "run_theory"]
 
 
 @dataclass(frozen=True)
-class TheoryResult:
-    """The closed forms for each rate of ``config``, and the run metadata built from it."""
+class TheoryResult(TableResult):
+    """The closed forms for each rate of ``config``, and the run metadata built from it.
+
+    ``to_frame()``: one row per rate, the columns of :class:`~varshift.core.theory.TheoryRow`
+    (pandas); in a notebook the result shows as that table.
+    """
 
     config: TheoryConfig
     rows: tuple[TheoryRow, ...]
     metadata: Mapping[str, Any]
+
+    row_type: ClassVar[type] = TheoryRow
+
+    def table_rows(self) -> tuple[TheoryRow, ...]:
+        """One row per rate."""
+        return self.rows
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return "varshift theory: closed forms, one row per rate"
 
 
 def input_variance(

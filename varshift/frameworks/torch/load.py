@@ -99,6 +99,7 @@ def load_model(
     factory: str | Path,
     args: Mapping[str, Any] | None = None,
     checkpoint: str | Path | None = None,
+    container: tuple[str, ...] | None = None,
 ) -> LoadedModel:
     """Build or load the model and load its weights.
 
@@ -112,6 +113,9 @@ def load_model(
     checkpoint:
         A state dict or training checkpoint, read with ``torch.load(weights_only=True)`` and
         loaded strictly; ``None`` keeps the factory's (or archive's) weights.
+    container:
+        Key path of the state dict inside ``checkpoint`` (a checkpoint holding several);
+        ``None``: the top level or the first of :data:`STATE_KEYS`.
 
     Raises
     ------
@@ -140,7 +144,8 @@ def load_model(
         return loaded
     path = Path(checkpoint)
     original = read_checkpoint(path)
-    container = find_state_dict(original, path)
+    if container is None:
+        container = find_state_dict(original, path)
     state = original
     for key in container:
         state = state[key]

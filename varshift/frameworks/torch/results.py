@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
+from varshift.core.frames import TableResult
 from varshift.frameworks.torch.graph import BNPath, ModelGraph
 
 if TYPE_CHECKING:
@@ -187,7 +188,7 @@ SCORE_METRICS: tuple[tuple[str, str], ...] = (
 
 
 @dataclass(frozen=True, eq=False)
-class DiagnoseResult:
+class DiagnoseResult(TableResult):
     """What :func:`~varshift.frameworks.torch.passes.diagnose` found.
 
     Attributes
@@ -214,16 +215,20 @@ class DiagnoseResult:
     batches: int
     warnings: tuple[str, ...]
 
+    row_type: ClassVar[type] = DiagnoseRow
+
     @property
     def rows(self) -> tuple[DiagnoseRow, ...]:
         """One summary row per BatchNorm."""
         return tuple(layer.row() for layer in self.layers)
 
-    def to_frame(self) -> pd.DataFrame:
-        """The summary rows as a DataFrame (one row per BatchNorm)."""
-        import pandas as pd
+    def table_rows(self) -> tuple[DiagnoseRow, ...]:
+        """The summary rows (``to_frame()``: a DataFrame, one row per BatchNorm)."""
+        return self.rows
 
-        return pd.DataFrame.from_records([asdict(r) for r in self.rows])
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return f"varshift diagnose: {len(self.rows)} BatchNorm layer(s), {self.samples} samples"
 
     def metric_rows(self) -> list[dict[str, Any]]:
         """Long-form rows ``scenario, metric, value, better`` that ``varshift check`` reads:
@@ -269,7 +274,7 @@ class RecalibratedLayer:
 
 
 @dataclass(frozen=True, eq=False)
-class RecalibrateResult:
+class RecalibrateResult(TableResult):
     """What :func:`~varshift.frameworks.torch.passes.recalibrate` did.
 
     Attributes
@@ -295,11 +300,15 @@ class RecalibrateResult:
     passes: int
     warnings: tuple[str, ...]
 
-    def to_frame(self) -> pd.DataFrame:
-        """The per-layer rows as a DataFrame."""
-        import pandas as pd
+    row_type: ClassVar[type] = RecalibratedLayer
 
-        return pd.DataFrame.from_records([asdict(r) for r in self.layers])
+    def table_rows(self) -> tuple[RecalibratedLayer, ...]:
+        """The per-layer rows (``to_frame()``: a DataFrame)."""
+        return self.layers
+
+    def table_caption(self) -> str:
+        """What the table shows."""
+        return f"varshift recalibrate ({self.method}): one row per BatchNorm layer"
 
     def scores_frame(self) -> pd.DataFrame:
         """The before/after table (empty without labels)."""
