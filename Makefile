@@ -89,6 +89,9 @@ bench: $(VENV)/.test
 	if $(BIN)/python -c 'import torch' 2>/dev/null; then \
 		$(BIN)/python bench/bench_torch.py --output bench/results_torch.md; \
 	else echo 'bench_torch: torch not installed, skipped'; fi
+	if $(BIN)/python -c 'import distributed' 2>/dev/null; then \
+		$(BIN)/python bench/bench_executor.py --out bench/results_executor.md; \
+	else echo 'bench_executor: dask.distributed not installed, skipped'; fi
 
 # Debian's chromium for tests/test_html_browser.py (skipped without it); needs root.
 browser:
