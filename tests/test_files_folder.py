@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from varshift.core import files
 from varshift.core.errors import OutputFileError
-from varshift.core.files import OutputPlan, remove_stale_temps, replacing_folder
+from varshift.core.files import (
+    OutputPlan,
+    atomic_write,
+    remove_stale_temps,
+    replacing_folder,
+    transaction,
+)
 
 
 def build(tmp: Path, name: str = "new") -> None:
@@ -82,3 +89,73 @@ def test_a_killed_runs_temporary_folder_is_removed(tmp_path: Path) -> None:
     stale = tmp_path / ".ckpt.varshift-tmp-999999999"
     build(stale)
     assert remove_stale_temps(tmp_path / "ckpt") == [stale] and not stale.exists()
+
+
+# --- a folder output inside a command's transaction: committed with the files, or none -------
+
+
+def _fail_file_commits(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(item: object) -> None:
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(files, "_commit_one", fail)
+
+
+def test_a_failed_report_takes_the_new_folder_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, report = tmp_path / "ckpt", tmp_path / "report.json"
+    plan = OutputPlan()
+    plan.add(out, folder=True)
+    plan.add(report)
+    _fail_file_commits(monkeypatch)
+    with pytest.raises(OutputFileError), transaction():
+        with replacing_folder(out) as tmp:
+            build(tmp)
+        assert not out.exists()  # staged, not yet in place
+        atomic_write(report, "{}")
+    assert names(tmp_path) == []  # no folder, no report, no temporary left
+
+
+def test_a_failed_report_puts_the_replaced_folder_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, report = tmp_path / "ckpt", tmp_path / "report.json"
+    build(out, "old")
+    plan = OutputPlan(force=True)
+    plan.add(out, folder=True)
+    plan.add(report)
+    _fail_file_commits(monkeypatch)
+    with pytest.raises(OutputFileError), transaction():
+        with replacing_folder(out) as tmp:
+            build(tmp)
+        atomic_write(report, "{}")
+    assert names(tmp_path) == ["ckpt"]
+    assert (out / "sub" / "data").read_text() == "old"
+
+
+def test_a_failed_folder_takes_the_report_back(tmp_path: Path) -> None:
+    out, report = tmp_path / "ckpt", tmp_path / "report.json"
+    plan = OutputPlan()
+    plan.add(out, folder=True)
+    plan.add(report)
+    with pytest.raises(OutputFileError, match="created by another process"), transaction():
+        atomic_write(report, "{}")
+        with replacing_folder(out) as tmp:
+            build(tmp)
+        build(out, "theirs")  # another process makes the folder before the commit
+    assert names(tmp_path) == ["ckpt"]  # theirs, untouched; no report
+    assert (out / "sub" / "data").read_text() == "theirs"
+
+
+def test_both_commit_together(tmp_path: Path) -> None:
+    out, report = tmp_path / "ckpt", tmp_path / "report.json"
+    plan = OutputPlan()
+    plan.add(out, folder=True)
+    plan.add(report)
+    with transaction() as tx:
+        with replacing_folder(out) as tmp:
+            build(tmp)
+        atomic_write(report, "{}")
+    assert names(tmp_path) == ["ckpt", "report.json"]
+    assert set(tx.written) == {out, report}

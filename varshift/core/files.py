@@ -312,6 +312,17 @@ class _Staged:
     done: bool = False
 
 
+@dataclass
+class _StagedFolder:
+    """A finished temporary folder (files fsynced) waiting to become the folder ``path``."""
+
+    tmp: Path
+    path: Path
+    exclusive: bool  # planned as new: renamed onto a path that does not exist
+    old: Path | None = None  # the replaced folder, set aside until every commit succeeded
+    done: bool = False
+
+
 class Transaction:
     """The outputs of one command, staged as finished temporary files and committed together.
 
@@ -337,6 +348,8 @@ class Transaction:
         self.written: list[Path] = []
         #: Folders made for the outputs, removed again (if empty) when nothing is committed.
         self.folders: list[Path] = []
+        #: Folder outputs (:func:`replacing_folder`), committed after the files.
+        self.staged_folders: list[_StagedFolder] = []
 
     def make_folder(self, folder: Path) -> None:
         """Create ``folder`` and its missing parents, remembering them for a roll-back."""
@@ -355,6 +368,12 @@ class Transaction:
         self.staged.append(_Staged(tmp, path, key in _EXCLUSIVE, _MATCH.pop(key, None)))
         _EXCLUSIVE.discard(key)
 
+    def stage_folder(self, tmp: Path, path: Path) -> None:
+        """Take the finished temporary folder ``tmp`` of the folder output ``path``."""
+        key = str(path.absolute())
+        self.staged_folders.append(_StagedFolder(tmp, path, key in _EXCLUSIVE))
+        _EXCLUSIVE.discard(key)
+
     def verb(self, path: Path) -> str:
         """``unchanged`` if ``path`` kept its identical content, else ``wrote``."""
         return "unchanged" if Path(path) in self.unchanged else "wrote"
@@ -368,6 +387,8 @@ class Transaction:
                     _commit_one(item)
                 except OSError as exc:
                     raise _write_error(item.path, exc) from None
+            for staged in self.staged_folders:
+                _commit_staged_folder(staged)
         except BaseException:
             self._roll_back()
             raise
@@ -375,7 +396,14 @@ class Transaction:
             if item.backup is not None:
                 item.backup.unlink(missing_ok=True)
             self.written.append(item.path)
-        for folder in {_folder(item.path) for item in pending}:
+        for staged in self.staged_folders:
+            if staged.old is not None:
+                shutil.rmtree(staged.old, ignore_errors=True)
+            self.written.append(staged.path)
+        parents = {_folder(item.path) for item in pending}
+        parents |= {_folder(staged.path) for staged in self.staged_folders}
+        self.staged_folders = []
+        for folder in parents:
             _fsync_folder(folder)
         self.staged = []
 
@@ -406,6 +434,9 @@ class Transaction:
                 if item.backup is not None:
                     item.backup.unlink(missing_ok=True)
         self.staged = []
+        for folder in reversed(self.staged_folders):
+            _roll_back_folder(folder)
+        self.staged_folders = []
         self._remove_folders()
 
     def _remove_folders(self) -> None:
@@ -419,6 +450,9 @@ class Transaction:
         for item in self.staged:
             item.tmp.unlink(missing_ok=True)
         self.staged = []
+        for folder in self.staged_folders:
+            shutil.rmtree(folder.tmp, ignore_errors=True)
+        self.staged_folders = []
         self._remove_folders()
 
 
@@ -583,7 +617,11 @@ def replacing_folder(path: Path) -> Iterator[Path]:
             yield tmp
             if not tmp.is_dir():
                 raise OutputFileError(f"{path}: the folder was not written")
-            _commit_folder(tmp, path)
+            if _ACTIVE:  # committed with the command's other outputs, or none
+                _fsync_files(tmp)
+                _ACTIVE[0].stage_folder(tmp, path)
+            else:
+                _commit_folder(tmp, path)
         except OSError as exc:
             raise _write_error(path, exc) from None
     except BaseException:
@@ -593,12 +631,43 @@ def replacing_folder(path: Path) -> Iterator[Path]:
         _EXCLUSIVE.discard(str(path.absolute()))
 
 
-def _commit_folder(tmp: Path, path: Path) -> None:
-    """fsync the files of ``tmp`` and rename it to ``path`` (see :func:`replacing_folder`)."""
-    for root, _, files in os.walk(tmp):
+def _fsync_files(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def _commit_staged_folder(item: _StagedFolder) -> None:
+    """Rename a staged folder into place, an existing one set aside (kept for a roll-back)."""
+    if not item.exclusive and os.path.lexists(item.path):
+        item.old = item.path.with_name(f".{item.path.name}.varshift-old-{os.getpid()}")
+        os.rename(item.path, item.old)
+    try:
+        os.rename(item.tmp, item.path)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise OutputFileError(
+                f"{item.path}: was created by another process while varshift wrote it; pass "
+                "force=True to overwrite it"
+            ) from None
+        raise _write_error(item.path, exc) from None
+    item.done = True
+
+
+def _roll_back_folder(item: _StagedFolder) -> None:
+    """Undo :func:`_commit_staged_folder`: the new folder removed, the old one put back."""
+    with contextlib.suppress(OSError):
+        if item.done:
+            shutil.rmtree(item.path)
+        if item.old is not None and not os.path.lexists(item.path):
+            os.rename(item.old, item.path)
+    shutil.rmtree(item.tmp, ignore_errors=True)
+
+
+def _commit_folder(tmp: Path, path: Path) -> None:
+    """fsync the files of ``tmp`` and rename it to ``path`` (see :func:`replacing_folder`)."""
+    _fsync_files(tmp)
     if str(path.absolute()) in _EXCLUSIVE or not path.exists():
         try:
             os.rename(tmp, path)
