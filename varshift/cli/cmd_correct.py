@@ -78,6 +78,18 @@ Examples:
 """
 
 
+#: ``--key`` of ``inspect`` and ``correct``.
+KeyOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--key",
+        metavar="NAME",
+        help="In a checkpoint holding several state dicts (state_dict and state_dict_ema; a "
+        "Lightning EMA callback's): only these (repeatable or a comma list) [default: every one].",
+    ),
+]
+
+
 @app.command(epilog=INSPECT_EPILOG)
 def inspect(
     file: Annotated[Path, typer.Argument(help=FILE_HELP, show_default=False)],
@@ -92,16 +104,7 @@ def inspect(
     fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = (
         OutputFormat.table
     ),
-    key: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--key",
-            metavar="NAME",
-            help="In a checkpoint holding several state dicts (state_dict and "
-            "state_dict_ema; a Lightning EMA callback's): only these (repeatable or a comma "
-            "list) [default: every one].",
-        ),
-    ] = None,
+    key: KeyOption = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the table to this file.")
     ] = None,
@@ -154,16 +157,7 @@ def correct(
         list[str] | None,
         typer.Option(metavar="PATTERN", help="Glob of layers to leave alone; repeatable."),
     ] = None,
-    key: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--key",
-            metavar="NAME",
-            help="In a checkpoint holding several state dicts (state_dict and "
-            "state_dict_ema; a Lightning EMA callback's): only these (repeatable or a comma "
-            "list) [default: every one].",
-        ),
-    ] = None,
+    key: KeyOption = None,
     dropout: Annotated[DropoutKind, typer.Option(help="Dropout kind before the BN layers.")] = (
         DropoutKind(DEFAULT_KIND)
     ),
