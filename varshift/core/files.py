@@ -593,7 +593,8 @@ def replacing_folder(path: Path) -> Iterator[Path]:
     existing folder (``force``) is first renamed aside to ``.<name>.varshift-old-<pid>``, the
     new one renamed into place, then the old one removed; if the second rename fails the old
     folder is put back. Only a kill between the two renames leaves ``path`` missing, with the
-    old folder intact under that name. On any error the temporary folder is removed.
+    old folder intact under that name. On any error the temporary folder is removed. Inside a
+    :func:`transaction` the renames wait for the end of it, with the command's other outputs.
 
     Raises
     ------
@@ -612,23 +613,21 @@ def replacing_folder(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputFileError(f"{parent}: cannot write here ({exc.strerror})") from None
-    try:
+    # committed with the command's other outputs, or none; alone, as its own transaction
+    with transaction() as tx:
         try:
-            yield tmp
-            if not tmp.is_dir():
-                raise OutputFileError(f"{path}: the folder was not written")
-            if _ACTIVE:  # committed with the command's other outputs, or none
+            try:
+                yield tmp
+                if not tmp.is_dir():
+                    raise OutputFileError(f"{path}: the folder was not written")
                 _fsync_files(tmp)
-                _ACTIVE[0].stage_folder(tmp, path)
-            else:
-                _commit_folder(tmp, path)
-        except OSError as exc:
-            raise _write_error(path, exc) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        _EXCLUSIVE.discard(str(path.absolute()))
+            except OSError as exc:
+                raise _write_error(path, exc) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _EXCLUSIVE.discard(str(path.absolute()))
+            raise
+        tx.stage_folder(tmp, path)
 
 
 def _fsync_files(folder: Path) -> None:
@@ -663,36 +662,6 @@ def _roll_back_folder(item: _StagedFolder) -> None:
         if item.old is not None and not os.path.lexists(item.path):
             os.rename(item.old, item.path)
     shutil.rmtree(item.tmp, ignore_errors=True)
-
-
-def _commit_folder(tmp: Path, path: Path) -> None:
-    """fsync the files of ``tmp`` and rename it to ``path`` (see :func:`replacing_folder`)."""
-    _fsync_files(tmp)
-    if str(path.absolute()) in _EXCLUSIVE or not path.exists():
-        try:
-            os.rename(tmp, path)
-        except OSError as exc:
-            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-                raise OutputFileError(
-                    f"{path}: was created by another process while varshift wrote it; pass "
-                    "force=True to overwrite it"
-                ) from None
-            raise
-    else:
-        old = path.with_name(f".{path.name}.varshift-old-{os.getpid()}")
-        os.rename(path, old)
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            os.rename(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def atomic_write(path: Path, data: str | bytes, *, force: bool = False) -> Path:
