@@ -243,6 +243,20 @@ def test_bad_data_is_one_clear_error(batches: Any, labels: Any, message: str) ->
         diagnose(stacked_net().eval(), batches, labels)
 
 
+def test_finite_data_whose_sum_overflows_is_accepted() -> None:
+    # the quick check sums each batch in its own dtype; finite values past that dtype's range
+    # in sum (float32 3e38 × 256; float16 6e4 × 256) must reach the element-wise check and pass
+    from varshift.frameworks.torch.data import as_batches
+
+    for x in (torch.full((4, 64), 3e38), torch.full((4, 64), 6e4, dtype=torch.float16)):
+        batches = as_batches([x, x])
+        assert [tuple(b.shape) for b, _ in batches] == [(4, 64), (4, 64)]
+    bad = torch.full((4, 64), 3e38)
+    bad[2, 5] = float("inf")
+    with pytest.raises(ValidationError, match=r"1 non-finite value\(s\).*index \(2, 5\)"):
+        list(as_batches([bad]))
+
+
 def test_a_model_without_batchnorm_is_refused() -> None:
     with pytest.raises(ValidationError, match="no BatchNorm layer"):
         recalibrate(nn.Sequential(nn.Linear(64, 10)), torch.zeros((4, 64)))
@@ -352,3 +366,24 @@ def test_vectorised_direct_prediction_equals_shift_direct_for_every_torch_kind()
         )
         want = [shift_direct(c, v, dropout).inverse_ratio for c, v in zip(mean, var, strict=True)]
         np.testing.assert_allclose(_predicted(path, mean, var, None), want, rtol=1e-12)
+
+
+def test_dead_channels_do_not_move_the_ratio_or_the_flags() -> None:
+    # channels 0 and 1 never vary (zero weights): their stored/eval ratio is 0.5/0; channels 2
+    # and 3 store exactly their eval-mode variance, so the layer is not shifted
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+    with torch.no_grad():
+        lin.weight[:2] = 0.0
+    net = nn.Sequential(lin, nn.BatchNorm1d(4)).eval()
+    x = torch.randn(512, 6, dtype=torch.float32)
+    with torch.no_grad():
+        z = lin(x).double()
+        net[1].running_mean.copy_(z.mean(0))
+        net[1].running_var.copy_(z.var(0, unbiased=False))
+        net[1].running_var[:2] = 0.5  # what a channel that died late in training may keep
+    (layer,) = diagnose(net, x, dropout_on=False).layers
+    row = layer.row()
+    assert row.dead_channels == 2 and "2 dead channel(s)" in layer.flags
+    assert "shifted" not in layer.flags, layer.flags
+    assert abs(row.shift_ratio - 1.0) < 1e-5 and abs(row.shift_ratio_max - 1.0) < 1e-5

@@ -90,3 +90,49 @@ def test_batch_var_mean_equals_numpy_and_its_spread() -> None:
     rel = acc.rel_se()
     assert rel is not None
     np.testing.assert_allclose(rel.numpy(), want, rtol=1e-9)
+
+
+def test_many_uneven_batches_fold_exactly() -> None:
+    # more batches than the buffer holds (two folds and a partial one), uneven sizes: totals,
+    # the between-batch standard error and the batch-variance mean against numpy per batch
+    rng = np.random.default_rng(8)
+    sizes = rng.integers(2, 40, size=77)
+    chunks = [rng.normal(1.5, 0.7, size=(int(n), 3, 2)) for n in sizes]
+    moments, on = ChannelMoments(), BatchVarMean()
+    for chunk in chunks:
+        moments.add(torch.from_numpy(chunk))
+        on.add(torch.from_numpy(chunk))
+    flat = [c.transpose(0, 2, 1).reshape(-1, 3) for c in chunks]
+    z = np.concatenate(flat)
+    np.testing.assert_allclose(moments.population_var().numpy(), z.var(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(moments.mean.numpy(), z.mean(axis=0), rtol=1e-12)
+    # ratio estimator of the variance's standard error, written out batch by batch
+    w = np.array([len(f) for f in flat], dtype=float)
+    a_mean, var = z.mean(axis=0), z.var(axis=0)
+    g = np.array([np.mean(f**2, axis=0) - 2 * a_mean * np.mean(f, axis=0) for f in flat])
+    g_bar = (w[:, None] * g).sum(axis=0) / w.sum()
+    b = len(flat)
+    spread = (w[:, None] ** 2 * (g - g_bar) ** 2).sum(axis=0) * b / (b - 1)
+    want = np.sqrt(spread) / w.sum() / var
+    got = moments.var_rel_se()
+    assert got is not None
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9)
+    per_batch = np.array([f.var(axis=0, ddof=1) for f in flat])
+    value = on.value()
+    assert value is not None and on.batches == b
+    np.testing.assert_allclose(value.numpy(), per_batch.mean(axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(256, 6), (128, 6, 5)])
+def test_float32_batches_near_zero_mean_keep_float32_accuracy(shape: tuple[int, ...]) -> None:
+    # (N, C) and (N, C, L) inputs with |mean| of a few sd take torch's BatchNorm statistics
+    # kernel per batch: a float32 mean and variance, each within a few ulps (pairwise sums over
+    # <= 640 values: ~log2(640) eps = 6e-7 relative), folded in float64
+    rng = np.random.default_rng(9)
+    chunks = [rng.normal(3.0, 1.5, size=shape).astype(np.float32) for _ in range(40)]
+    moments = ChannelMoments()
+    for chunk in chunks:
+        moments.add(torch.from_numpy(chunk))
+    z = np.concatenate([np.moveaxis(c, 1, -1).reshape(-1, 6).astype(np.float64) for c in chunks])
+    np.testing.assert_allclose(moments.population_var().numpy(), z.var(axis=0), rtol=2e-6)
+    np.testing.assert_allclose(moments.mean.numpy(), z.mean(axis=0), rtol=2e-6)

@@ -100,28 +100,37 @@ def layer_flags(
     on_var: Any,
     audit: tuple[str, ...],
     tol: Tolerances,
+    stored_mean: Any = None,
 ) -> tuple[str, ...]:
-    """The flags of one BatchNorm ``m`` (see the module notes for ``shifted``/``re-baked``)."""
+    """The flags of one BatchNorm ``m`` (see the module notes for ``shifted``/``re-baked``).
+
+    ``stored_var``/``stored_mean``: its running statistics as float64 arrays. Ratios are
+    taken over live channels only (eval-mode variance >= eps): a dead channel's ratio is
+    0/0 or x/0, and it is counted in its own flag instead.
+    """
     flags: list[str] = []
     if not m.track_running_stats:
         return ("track_running_stats=False: batch statistics at test time",)
     tracked = m.num_batches_tracked
     count = None if tracked is None else int(tracked)
-    if bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()):
+    mean = stored_mean if stored_mean is not None else m.running_mean.double().cpu().numpy()
+    if not np.any(mean) and np.all(stored_var == 1.0):
         flags.append("initial values")
     elif count is not None and m.momentum is not None:
         needed = updates_to_forget(resolve_preset("torch", float(m.momentum)))
         if needed is not None and count < needed:
             flags.append(f"unconverged ({count} < {needed} updates)")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = float(np.nanmedian(stored_var / eval_var))
+    live = eval_var >= m.eps
+    if np.any(live):
+        ratio = float(np.median(stored_var[live] / eval_var[live]))
         if abs(ratio - 1.0) > tol.shift:
             flags.append("shifted")
             if on_var is not None and path.dropout is not None:
-                rebaked = float(np.nanmedian(stored_var / on_var))
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    rebaked = float(np.nanmedian(stored_var[live] / on_var[live]))
                 if abs(rebaked - 1.0) <= tol.rebake:
                     flags.append("shift re-baked")
-    dead = int(np.sum(eval_var < m.eps))
+    dead = int(np.sum(~live))
     if dead:
         flags.append(f"{dead} dead channel(s)")
     if path.layer in audit or (path.dropout is not None and path.dropout.name in audit):

@@ -282,6 +282,7 @@ def _layer(
     assert mean is not None and var is not None
     tracked = m.track_running_stats and m.running_var is not None
     stored_var = _np(m.running_var) if tracked else None
+    stored_mean = _np(m.running_mean) if tracked else None
     count = m.num_batches_tracked
     return LayerDiagnosis(
         path=path,
@@ -289,14 +290,14 @@ def _layer(
         eps=float(m.eps),
         momentum=m.momentum,
         num_batches_tracked=None if count is None else int(count),
-        stored_mean=_np(m.running_mean) if tracked else None,
+        stored_mean=stored_mean,
         stored_var=stored_var,
         eval_mean=mean,
         eval_var=var,
         count=moments.count,
         dropout_on_var=on_var,
         predicted_ratio=_predicted(path, mean, var, extra),
-        flags=layer_flags(path, m, stored_var, var, on_var, audit, tol),
+        flags=layer_flags(path, m, stored_var, var, on_var, audit, tol, stored_mean),
         shift_tol=tol.shift,
         rebake_tol=tol.rebake,
     )

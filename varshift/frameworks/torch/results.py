@@ -46,6 +46,10 @@ def _ratio(num: FloatArray | None, den: FloatArray | None) -> FloatArray | None:
         return np.asarray(num / den, dtype=np.float64)
 
 
+def _live(values: FloatArray | None, live: NDArray[np.bool_]) -> FloatArray | None:
+    return None if values is None else values[live]
+
+
 def _mean(values: FloatArray | None) -> float:
     return math.nan if values is None or values.size == 0 else float(np.mean(values))
 
@@ -69,7 +73,9 @@ class DiagnoseRow:
     """One BatchNorm, summarised over channels (the table ``varshift diagnose`` prints).
 
     Means over channels for ``stored_*``, ``eval_*`` and ``dropout_on_var``; the median, minimum
-    and maximum over channels for ``shift_ratio`` = stored/eval variance; ``predicted_ratio``
+    and maximum over live channels (eval-mode variance >= eps; the others are
+    ``dead_channels``, whose ratios are 0/0 or x/0) for ``shift_ratio`` = stored/eval variance,
+    and ratios over live channels below too; ``predicted_ratio``
     is the closed form's median (direct layers: ``Var_train/Var_test`` of case (a) from the
     measured eval mean and variance); ``dropout_on_ratio`` the median of dropout-on/eval;
     ``flag_tol`` how far ``shift_ratio`` may lie from 1 before the layer is flagged
@@ -137,8 +143,9 @@ class LayerDiagnosis:
         return int(np.sum(self.eval_var < self.eps))
 
     def row(self) -> DiagnoseRow:
-        """The one-line summary."""
-        p, ratio = self.path, self.shift_ratio
+        """The one-line summary; ratios over live channels (eval variance >= eps)."""
+        live = self.eval_var >= self.eps
+        p, ratio = self.path, _live(self.shift_ratio, live)
         d = p.dropout
         return DiagnoseRow(
             layer=p.layer,
@@ -159,8 +166,8 @@ class LayerDiagnosis:
             shift_ratio=_median(ratio),
             shift_ratio_min=_extreme(ratio, np.min),
             shift_ratio_max=_extreme(ratio, np.max),
-            predicted_ratio=_median(self.predicted_ratio),
-            dropout_on_ratio=_median(_ratio(self.dropout_on_var, self.eval_var)),
+            predicted_ratio=_median(_live(self.predicted_ratio, live)),
+            dropout_on_ratio=_median(_live(_ratio(self.dropout_on_var, self.eval_var), live)),
             dead_channels=self.dead,
             flag_tol=self.shift_tol,
             flags=", ".join(self.flags),
