@@ -136,3 +136,16 @@ def test_float32_batches_near_zero_mean_keep_float32_accuracy(shape: tuple[int, 
     z = np.concatenate([np.moveaxis(c, 1, -1).reshape(-1, 6).astype(np.float64) for c in chunks])
     np.testing.assert_allclose(moments.population_var().numpy(), z.var(axis=0), rtol=2e-6)
     np.testing.assert_allclose(moments.mean.numpy(), z.mean(axis=0), rtol=2e-6)
+
+
+def test_a_stream_that_changes_dtype_is_summed_in_the_first_dtype() -> None:
+    rng = np.random.default_rng(10)
+    chunks = [rng.normal(0.5, 1.0, size=(64, 4)) for _ in range(6)]
+    moments = ChannelMoments()
+    for i, chunk in enumerate(chunks):
+        t = torch.from_numpy(chunk)
+        moments.add(t if i % 2 == 0 else t.float())
+    z = np.concatenate(
+        [c if i % 2 == 0 else c.astype(np.float32).astype(np.float64) for i, c in enumerate(chunks)]
+    )
+    np.testing.assert_allclose(moments.population_var().numpy(), z.var(axis=0), rtol=1e-12)

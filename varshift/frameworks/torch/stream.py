@@ -232,6 +232,8 @@ class _BatchSums:
         if self.shift is None or self._buf is None:
             self._start(x, dims)
             assert self.shift is not None and self._buf is not None
+        if x.dtype != self._buf.dtype:  # a stream that changes dtype: the first one's
+            x = x.to(self._buf.dtype)
         row = self._buf[len(self._sizes)]
         if self._kernel:
             torch.stack(torch.batch_norm_update_stats(x, None, None, 0.0), out=row)
