@@ -23,6 +23,7 @@ import pytest
 import varshift.jobs.sweep as sweep_module
 from varshift.core.errors import (
     InputFileError,
+    Interrupted,
     MissingDependencyError,
     OutputFileError,
     ValidationError,
@@ -160,7 +161,11 @@ def test_resume_recomputes_only_what_is_missing(tmp_path: Path) -> None:
 
     tasks = _seeds(8)
     path = tmp_path / "run.sqlite"
-    with ResultStore.open(path, {"command": "test"}) as store, pytest.raises(_Stop):
+    kept = r"3 of 8 results are kept in .*run\.sqlite; the same command with --resume"
+    with (
+        ResultStore.open(path, {"command": "test"}) as store,
+        pytest.raises(Interrupted, match=kept),
+    ):
         run_tasks(
             LocalExecutor(1), counted, tasks, decode=float, store=store, progress=_stop_after(3)
         )
@@ -171,6 +176,44 @@ def test_resume_recomputes_only_what_is_missing(tmp_path: Path) -> None:
         out = run_tasks(LocalExecutor(1), counted, tasks, decode=float, store=store)
     assert out == [_draw(s) for s in tasks]
     assert calls == tasks[3:]
+
+
+def test_ctrl_c_without_a_store_is_a_plain_interrupt() -> None:
+    with pytest.raises(_Stop):
+        run_tasks(LocalExecutor(1), _draw, _seeds(4), progress=_stop_after(2))
+
+
+def test_ctrl_c_in_the_cli_says_what_is_kept_and_how_to_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from varshift.cli import app
+
+    real, calls = sweep_module.simulate_point, []
+
+    def interrupted(task: Any) -> SimStats:
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C while the fourth point runs
+        calls.append(task)
+        return real(task)
+
+    monkeypatch.setattr(sweep_module, "simulate_point", interrupted)
+    store = tmp_path / "run.sqlite"
+    run = ["sweep", "--rate", "0.2,0.4,0.6", "--simulate", "--steps", "20", "--reps", "8"]
+    run += ["--seeds", "2", "--seed", "3", "--workers", "1", "-q"]
+    args = [*run, "--store", str(store)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines() == [
+        f"varshift: interrupted: 3 of 6 results are kept in {store}; the same command with "
+        "--resume computes only the rest"
+    ]
+    monkeypatch.setattr(sweep_module, "simulate_point", real)
+    resumed = CliRunner().invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.stderr
+    whole = CliRunner().invoke(app, run)  # uninterrupted, no store
+    assert resumed.stdout == whole.stdout
 
 
 def test_resumed_sweep_equals_an_uninterrupted_one(
@@ -187,7 +230,7 @@ def test_resumed_sweep_equals_an_uninterrupted_one(
     monkeypatch.setattr(sweep_module, "simulate_point", counted)
     config = _config(seeds=2)
     path = tmp_path / "sweep.sqlite"
-    with pytest.raises(_Stop):
+    with pytest.raises(Interrupted, match=f"5 of {2 * config.n_points} results are kept"):
         sweep(config, rng=7, progress=_stop_after(5), store=path)
     assert len(calls) == 5
     calls.clear()
@@ -261,7 +304,7 @@ def test_dask_results_come_back_in_task_order_through_a_small_window(cluster: An
 def test_an_interrupted_dask_sweep_resumes_locally(tmp_path: Path, cluster: Any) -> None:
     config = _config(seeds=2)
     path = tmp_path / "sweep.sqlite"
-    with pytest.raises(_Stop):
+    with pytest.raises(Interrupted):
         sweep(
             replace(config, scheduler=cluster.scheduler_address),
             rng=4,

@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from varshift.cli import _fast, _help
-from varshift.core.errors import RegressionFound, ValidationError, VarshiftError
+from varshift.core.errors import Interrupted, RegressionFound, ValidationError, VarshiftError
 
 try:  # typer >= 0.16 vendors click as typer._click; older typers use click itself
     from typer._click.exceptions import UsageError
@@ -185,6 +185,7 @@ class LazyGroup(TyperGroup):
             _usage_error(exc)
         except VarshiftError as exc:
             label = "check failed" if isinstance(exc, RegressionFound) else "error"
+            label = "interrupted" if isinstance(exc, Interrupted) else label
             # Library messages name the keyword (force=True); on the command line it is --force.
             text = str(exc).replace("force=True", "--force")
             typer.echo(f"varshift: {label}: {text}", err=True)

@@ -1,7 +1,8 @@
 """The varshift error hierarchy.
 
 Library code raises these; :mod:`varshift.cli` maps them to exit codes in exactly one place
-(``ValidationError``/``InputFileError``/``OutputFileError`` → 2, ``RegressionFound`` → 1).
+(``ValidationError``/``InputFileError``/``OutputFileError`` → 2, ``RegressionFound`` → 1,
+``Interrupted`` → 130).
 Messages speak the library's language (``pass force=True``); the CLI rewrites ``force=True`` as
 ``--force`` when it prints them.
 """
@@ -29,6 +30,12 @@ class OutputFileError(VarshiftError):
 
 class MissingDependencyError(VarshiftError):
     """An optional extra (torch, h5py, safetensors, matplotlib) is needed but not installed."""
+
+
+class Interrupted(VarshiftError):
+    """The run was interrupted (Ctrl-C) after keeping part of its work; the message says where."""
+
+    exit_code = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class RegressionFound(VarshiftError):

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from varshift import __version__
-from varshift.core.errors import InputFileError, OutputFileError, ValidationError
+from varshift.core.errors import InputFileError, Interrupted, OutputFileError, ValidationError
 from varshift.jobs.executor import Executor, Progress
 
 T = TypeVar("T")
@@ -227,6 +227,12 @@ def run_tasks(
     JSON form into a value); only the missing tasks run, and each result is stored the moment
     it arrives. ``progress(done, total)`` counts stored results as done.
 
+    Raises
+    ------
+    Interrupted
+        On Ctrl-C (``KeyboardInterrupt``) with a store: how many results it keeps, and that
+        ``--resume`` continues. Without a store the ``KeyboardInterrupt`` goes on.
+
     Examples
     --------
     >>> from varshift.jobs.executor import LocalExecutor
@@ -259,8 +265,16 @@ def run_tasks(
         report(done, total)
 
     todo = [tasks[i] for i in missing]
-    for i, value in zip(missing, executor.map(fn, todo, on_result=arrived), strict=True):
-        results[i] = value
+    try:
+        for i, value in zip(missing, executor.map(fn, todo, on_result=arrived), strict=True):
+            results[i] = value
+    except KeyboardInterrupt:
+        if store is None:
+            raise
+        raise Interrupted(
+            f"{done} of {total} results are kept in {store.path}; the same command with "
+            "--resume computes only the rest"
+        ) from None
     return results  # type: ignore[return-value]  # every slot is filled above
 
 
