@@ -9,6 +9,10 @@ outputs already planned, and its folder is probed. It then writes them inside on
 then are they all renamed into place, or none (a failed rename rolls back the ones before
 it). Without ``force`` an existing output is kept if the new bytes are identical (a rerun)
 and refused otherwise. The refusal messages are written once, here.
+
+One module on purpose, though over 600 lines: the plan, the temporary files and the
+transaction share the per-command marks (``_EXCLUSIVE``, ``_MATCH``) that the plan sets and
+the commit reads; split, that state would cross a module boundary.
 """
 
 from __future__ import annotations
