@@ -165,3 +165,64 @@ def test_exported_archive_gives_the_same_classes(tmp_path: Path) -> None:
         assert not loaded.runs_code
         assert kinds(loaded.module) == kinds(net)
         assert sorted(loaded.module.state_dict()) == sorted(net.state_dict())
+
+
+def _sequentials() -> list[Any]:
+    """Plain nn.Sequential nets: the test nets, nested containers, a module used twice."""
+    from tests._digits import linear_net, stacked_net
+    from tests._graph_nets import conv_net, head_net
+
+    shared = nn.Dropout(0.2)
+    return [
+        stacked_net(0.3),
+        linear_net(0.5),
+        conv_net(0.5),
+        conv_net(0.2, channelwise=True),
+        head_net(0.5),
+        nn.Sequential(
+            nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Dropout(0.1)), nn.BatchNorm1d(4)
+        ),
+        nn.Sequential(nn.Linear(4, 4), shared, nn.BatchNorm1d(4), shared, nn.BatchNorm1d(4)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_sequential_chain_is_the_graph_fx_traces(
+    index: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the direct chain of a plain Sequential against fx's own trace of the same net: the same
+    # nodes (op, target, name, arguments) and the same classification
+    from varshift.frameworks.torch import graph as g
+
+    net = _sequentials()[index]
+    chain = g._sequential_graph(net)
+    assert chain is not None
+    with g._training_mode(net):
+        traced = g._Tracer().trace(net)
+
+    def nodes(graph: Any) -> list[tuple[str, str, str, tuple[str, ...]]]:
+        return [(n.op, str(n.target), n.name, tuple(map(str, n.args))) for n in graph.nodes]
+
+    assert nodes(chain) == nodes(traced)
+    fast = classify(net)
+    monkeypatch.setattr(g, "_sequential_graph", lambda model: None)  # fx traces it
+    assert classify(net) == fast
+
+
+def test_other_containers_are_traced_by_fx() -> None:
+    from varshift.frameworks.torch import graph as g
+
+    class Block(nn.Module):  # a user's module: fx traces into it
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: Any) -> Any:
+            return F.relu(self.fc(x)) + x
+
+    class MySequential(nn.Sequential):
+        pass
+
+    assert g._sequential_graph(nn.Sequential(Block(), nn.BatchNorm1d(4))) is None
+    assert g._sequential_graph(MySequential(nn.Linear(4, 4), nn.BatchNorm1d(4))) is None
+    assert classify(nn.Sequential(Block(), nn.Dropout(0.2), nn.BatchNorm1d(4))).traced
