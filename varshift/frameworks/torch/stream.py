@@ -167,25 +167,21 @@ def _scratch_like(x: torch.Tensor) -> torch.Tensor:
     return buf[: x.numel()].view(x.shape)
 
 
-def _shifted_sums_into(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> None:
-    """Write ``sum(y)`` and ``sum(y²)`` per channel of ``y = x - shift`` into ``out[0]`` and
-    ``out[1]`` (in ``out``'s dtype). For ``(N, C, ...)`` inputs the positions are summed first
-    (a contiguous reduction), then the samples: several times faster on CPU than one reduction
-    over ``(0, 2, 3, ...)``. Four kernels: the difference, its sum, its square (in place),
-    that sum."""
+def _shifted_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum(y)`` and ``sum(y²)`` per channel of ``y = x - shift``, in ``x``'s dtype. For
+    ``(N, C, ...)`` inputs the positions are summed first (a contiguous reduction), then the
+    samples: several times faster on CPU than one reduction over ``(0, 2, 3, ...)``. Four
+    kernels: the difference, its sum, its square (in place), that sum."""
     y = torch.sub(x, shift, out=_scratch_like(x))
     if y.dim() > 2:
         y = y.flatten(2)
-        torch.sum(y.sum(-1), 0, out=out[0])
-        torch.sum(y.mul_(y).sum(-1), 0, out=out[1])
-    else:
-        torch.sum(y, 0, out=out[0])
-        torch.sum(y.mul_(y), 0, out=out[1])
+        return y.sum(-1).sum(0), y.mul_(y).sum(-1).sum(0)
+    return y.sum(0), y.mul_(y).sum(0)
 
 
 class _BatchSums:
-    """Per-batch moments of a stream, kept in a small buffer of :attr:`FOLD` batches and handed
-    on in blocks as float64 shifted sums ``S1 = Σ(x - c)``, ``S2 = Σ(x - c)²`` per channel
+    """Per-batch moments of a stream, kept for up to :attr:`FOLD` batches and handed on in
+    blocks as float64 shifted sums ``S1 = Σ(x - c)``, ``S2 = Σ(x - c)²`` per channel
     (``c``: the first batch's channel means, so the sums carry no large offset to cancel), so a
     batch costs one or a few kernels and no bookkeeping on the device; memory stays
     ``FOLD × 2 × channels`` whatever the number of batches.
@@ -198,7 +194,7 @@ class _BatchSums:
       loses accuracy when a channel's mean is far from 0 in standard deviations (relative
       error 5e-7 at 1e3, 2e-5 at 1e4, measured), so it is used only when the first batch's
       channel means are within :attr:`KERNEL_OFFSET` standard deviations (float64: always).
-    * otherwise, and for ``(N, C, H, W, ...)``: :func:`_shifted_sums_into`.
+    * otherwise, and for ``(N, C, H, W, ...)``: :func:`_shifted_sums`.
     """
 
     #: Batches buffered before a block is folded into the float64 totals.
@@ -209,18 +205,19 @@ class _BatchSums:
     def __init__(self, fold: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
         self._fold = fold  # fold(sums (k, 2, C) float64, sizes (k,) float64)
         self.shift: torch.Tensor | None = None
-        self._buf: torch.Tensor | None = None
-        self._kernel = False  # buffer rows: (mean, var) from the kernel, else (S1, S2)
+        self._dtype: torch.dtype | None = None
+        self._kernel = False  # rows: (mean, var) from the kernel, else (S1, S2)
+        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sizes: list[int] = []
 
     def _start(self, x: torch.Tensor, dims: int | list[int]) -> None:
-        """Choose the method from the first batch and allocate the buffer."""
+        """Choose the method from the first batch."""
         if x.dim() <= 3 and x.device.type in ("cpu", "cuda"):
             mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
             offset = mean.abs() <= self.KERNEL_OFFSET * var.sqrt()
             self._kernel = x.dtype == torch.float64 or bool(offset.all())
         self.shift = x.mean(dim=dims, keepdim=True)
-        self._buf = x.new_empty((self.FOLD, 2, x.shape[1]))
+        self._dtype = x.dtype
 
     def add(self, x: torch.Tensor) -> int:
         """Add one batch; returns its elements per channel (0: empty, nothing added)."""
@@ -229,16 +226,15 @@ class _BatchSums:
         n = x.numel() // x.shape[1]
         if n == 0:
             return 0
-        if self.shift is None or self._buf is None:
+        if self.shift is None:
             self._start(x, dims)
-            assert self.shift is not None and self._buf is not None
-        if x.dtype != self._buf.dtype:  # a stream that changes dtype: the first one's
-            x = x.to(self._buf.dtype)
-        row = self._buf[len(self._sizes)]
+            assert self.shift is not None
+        if x.dtype != self._dtype:  # a stream that changes dtype: the first one's
+            x = x.to(self._dtype)
         if self._kernel:
-            torch.stack(torch.batch_norm_update_stats(x, None, None, 0.0), out=row)
+            self._rows.append(torch.batch_norm_update_stats(x, None, None, 0.0))
         else:
-            _shifted_sums_into(x, self.shift, row)
+            self._rows.append(_shifted_sums(x, self.shift))
         self._sizes.append(n)
         if len(self._sizes) == self.FOLD:
             self.flush()
@@ -246,11 +242,11 @@ class _BatchSums:
 
     def flush(self) -> None:
         """Fold the buffered batches (call before reading the totals)."""
-        if not self._sizes or self._buf is None or self.shift is None:
+        if not self._sizes or self.shift is None:
             return
-        k = len(self._sizes)
-        sums = self._buf[:k].double()
+        sums = torch.stack([torch.stack(row) for row in self._rows]).double()
         sizes = torch.tensor(self._sizes, dtype=torch.float64, device=sums.device)
+        self._rows.clear()
         self._sizes.clear()
         if self._kernel:  # (mean, var) -> (n (m - c), n (var + (m - c)²))
             d = sums[:, 0] - self.shift.double().flatten()
