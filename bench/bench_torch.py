@@ -204,12 +204,14 @@ def main() -> None:
         "| target |",
         "|---|---|---|---|---|---|---|",
     ]
-    lines += measure("MLP 4×512", mlp(), (256,), args.rounds)
+    # The MLP's passes last ~0.1 s, where a scheduler hiccup is a large share: 4× the rounds.
+    lines += measure("MLP 4×512", mlp(), (256,), 4 * args.rounds)
     lines += measure("CNN 3 blocks", cnn(), (3, 32, 32), args.rounds, 1024)
     load_after = os.getloadavg()
     head = [
         f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} CPUs, {args.rounds} interleaved rounds; load average (1 min) "
+        f"{os.cpu_count()} CPUs, {4 * args.rounds} (MLP) and {args.rounds} (CNN) interleaved "
+        "rounds; load average (1 min) "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after.",
         "Ratios are taken within a round (same load) and summarised over rounds: the median "
         "and the range.",
