@@ -93,10 +93,10 @@ def test_batch_var_mean_equals_numpy_and_its_spread() -> None:
 
 
 def test_many_uneven_batches_fold_exactly() -> None:
-    # more batches than the buffer holds (several folds and a partial one), uneven sizes: totals,
+    # more batches than the buffer holds (two folds and a partial one), uneven sizes: totals,
     # the between-batch standard error and the batch-variance mean against numpy per batch
     rng = np.random.default_rng(8)
-    sizes = rng.integers(2, 40, size=77)
+    sizes = rng.integers(2, 40, size=150)
     chunks = [rng.normal(1.5, 0.7, size=(int(n), 3, 2)) for n in sizes]
     moments, on = ChannelMoments(), BatchVarMean()
     for chunk in chunks:

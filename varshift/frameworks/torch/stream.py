@@ -198,7 +198,7 @@ class _BatchSums:
     """
 
     #: Batches buffered before a block is folded into the float64 totals.
-    FOLD = 8
+    FOLD = 64
     #: Largest ``|mean| / sd`` (first batch, every channel) for the statistics kernel in float32.
     KERNEL_OFFSET = 100.0
 
@@ -244,7 +244,8 @@ class _BatchSums:
         """Fold the buffered batches (call before reading the totals)."""
         if not self._sizes or self.shift is None:
             return
-        sums = torch.stack([torch.stack(row) for row in self._rows]).double()
+        k = len(self._rows)
+        sums = torch.stack([t for row in self._rows for t in row]).view(k, 2, -1).double()
         sizes = torch.tensor(self._sizes, dtype=torch.float64, device=sums.device)
         self._rows.clear()
         self._sizes.clear()
@@ -295,15 +296,15 @@ class ChannelMoments:
         """Add a block of batches: ``sums`` ``(k, 2, C)``, ``sizes`` ``(k,)``, float64."""
         w = sizes[:, None, None]
         v = sums / w  # the batch means of y and y²
-        wv = v * (w * w)
-        block = (sums.sum(0), wv.sum(0), torch.einsum("kic,kjc->ijc", wv, v))
+        wv = sums * w  # = v w²
+        block = (sums.sum(0), wv.sum(0), (wv[:, :, None] * v[:, None]).sum(0))
         if self._sums is None or self._lin is None or self._quad is None:
             self._sums, self._lin, self._quad = block
         else:
             self._sums += block[0]
             self._lin += block[1]
             self._quad += block[2]
-        self._w2 += float((sizes * sizes).sum())
+        self._w2 += float(sizes.square().sum())
 
     def _totals(self) -> torch.Tensor | None:
         self._stream.flush()
