@@ -259,12 +259,12 @@ class _BatchSums:
 class ChannelMoments:
     """Per-channel count, mean and sum of squared deviations ``M2`` of a stream.
 
-    ``add`` costs two plain reductions per batch, ``sum(y)`` and ``sum(y²)`` of the shifted
-    values ``y = x - c`` in the input's dtype (``c``: the first batch's channel means, so the
-    sums carry no large offset to cancel), buffered and added in blocks to float64 totals on
-    the input's device (:class:`_BatchSums`); no per-batch synchronisation and no transfer to
-    the host. ``mean = c + S1/n`` and ``M2 = S2 - S1²/n``. A ``var_mean`` per batch (Welford
-    over a strided axis) costs up to 15× more.
+    ``add`` costs one statistics kernel, or two plain reductions, per batch (the batch's
+    mean and variance, or ``sum(y)`` and ``sum(y²)`` of the shifted values ``y = x - c``, in
+    the input's dtype; ``c``: the first batch's channel means), kept and folded in blocks into
+    float64 shifted sums on the input's device (:class:`_BatchSums`); no per-batch
+    synchronisation and no transfer to the host. ``mean = c + S1/n`` and ``M2 = S2 - S1²/n``.
+    A ``var_mean`` per batch (Welford over a strided axis) costs up to 15× more.
 
     Beside the totals it keeps size-weighted sums of the per-batch means of ``y`` and ``y²``
     (a few channel-sized float64 vectors, whatever the number of batches), from which
