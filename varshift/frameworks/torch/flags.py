@@ -92,6 +92,15 @@ def tolerances(
     return Tolerances(shift, rebake, stored_se is not None)
 
 
+def _finite_median(num: Any, den: Any) -> float | None:
+    """Median of the finite ``num / den`` (a NaN in a corrupt buffer is skipped), ``None`` if
+    there is none."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.asarray(num / den, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    return float(np.median(r)) if r.size else None
+
+
 def layer_flags(
     path: Any,
     m: Any,
@@ -121,15 +130,13 @@ def layer_flags(
         if needed is not None and count < needed:
             flags.append(f"unconverged ({count} < {needed} updates)")
     live = eval_var >= m.eps
-    if np.any(live):
-        ratio = float(np.median(stored_var[live] / eval_var[live]))
-        if abs(ratio - 1.0) > tol.shift:
-            flags.append("shifted")
-            if on_var is not None and path.dropout is not None:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    rebaked = float(np.nanmedian(stored_var[live] / on_var[live]))
-                if abs(rebaked - 1.0) <= tol.rebake:
-                    flags.append("shift re-baked")
+    ratio = _finite_median(stored_var[live], eval_var[live])
+    if ratio is not None and abs(ratio - 1.0) > tol.shift:
+        flags.append("shifted")
+        if on_var is not None and path.dropout is not None:
+            rebaked = _finite_median(stored_var[live], on_var[live])
+            if rebaked is not None and abs(rebaked - 1.0) <= tol.rebake:
+                flags.append("shift re-baked")
     dead = int(np.sum(~live))
     if dead:
         flags.append(f"{dead} dead channel(s)")
