@@ -198,7 +198,7 @@ class _BatchSums:
     """
 
     #: Batches buffered before a block is folded into the float64 totals.
-    FOLD = 64
+    FOLD = 16
     #: Largest ``|mean| / sd`` (first batch, every channel) for the statistics kernel in float32.
     KERNEL_OFFSET = 100.0
 
