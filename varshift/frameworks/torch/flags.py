@@ -109,7 +109,7 @@ def layer_flags(
     on_var: Any,
     audit: tuple[str, ...],
     tol: Tolerances,
-    stored_mean: Any = None,
+    stored_mean: Any,
 ) -> tuple[str, ...]:
     """The flags of one BatchNorm ``m`` (see the module notes for ``shifted``/``re-baked``).
 
@@ -122,8 +122,7 @@ def layer_flags(
         return ("track_running_stats=False: batch statistics at test time",)
     tracked = m.num_batches_tracked
     count = None if tracked is None else int(tracked)
-    mean = stored_mean if stored_mean is not None else m.running_mean.double().cpu().numpy()
-    if not np.any(mean) and np.all(stored_var == 1.0):
+    if not np.any(stored_mean) and np.all(stored_var == 1.0):
         flags.append("initial values")
     elif count is not None and m.momentum is not None:
         needed = updates_to_forget(resolve_preset("torch", float(m.momentum)))
