@@ -494,13 +494,17 @@ def _recalibrated_row(
     mean0, var0 = before
     after = _np(m.running_var)
     mean1 = _np(m.running_mean)
-    single = _np(first.unbiased_var())
-    assert after is not None and mean1 is not None and single is not None
+    assert after is not None and mean1 is not None
     live = after > 0  # dead channels (zero variance) have no relative difference
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.abs(single - after)[live] / after[live]
         ratio = var0[live] / after[live]
-    same = first is final[name]
+    diff = 0.0  # the single-pass estimate is the final one
+    if first is not final[name]:
+        single = _np(first.unbiased_var())
+        assert single is not None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.abs(single - after)[live] / after[live]
+        diff = float(rel.max()) if rel.size else math.nan
     return RecalibratedLayer(
         layer=name,
         kind=path.kind,
@@ -513,7 +517,7 @@ def _recalibrated_row(
         var_before=float(var0.mean()),
         var_after=float(after.mean()),
         ratio_before=float(np.median(ratio)) if ratio.size else math.nan,
-        single_pass_diff=0.0 if same else (float(rel.max()) if rel.size else math.nan),
+        single_pass_diff=diff,
     )
 
 

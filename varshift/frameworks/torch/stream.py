@@ -210,14 +210,19 @@ class _BatchSums:
         self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sizes: list[int] = []
 
-    def _start(self, x: torch.Tensor, dims: int | list[int]) -> None:
-        """Choose the method from the first batch."""
+    def _start(self, x: torch.Tensor, dims: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose the method and the shift from the first batch; returns its row."""
+        self._dtype = x.dtype
         if x.dim() <= 3 and x.device.type in ("cpu", "cuda"):
-            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            row = torch.batch_norm_update_stats(x, None, None, 0.0)
+            mean, var = row
             offset = mean.abs() <= self.KERNEL_OFFSET * var.sqrt()
             self._kernel = x.dtype == torch.float64 or bool(offset.all())
+            if self._kernel:  # its mean is the shift (any shift is exact; this one is close)
+                self.shift = mean.to(x.dtype).view(1, -1, *[1] * (x.dim() - 2))
+                return row
         self.shift = x.mean(dim=dims, keepdim=True)
-        self._dtype = x.dtype
+        return _shifted_sums(x, self.shift)
 
     def add(self, x: torch.Tensor) -> int:
         """Add one batch; returns its elements per channel (0: empty, nothing added)."""
@@ -227,14 +232,14 @@ class _BatchSums:
         if n == 0:
             return 0
         if self.shift is None:
-            self._start(x, dims)
-            assert self.shift is not None
-        if x.dtype != self._dtype:  # a stream that changes dtype: the first one's
-            x = x.to(self._dtype)
-        if self._kernel:
-            self._rows.append(torch.batch_norm_update_stats(x, None, None, 0.0))
+            self._rows.append(self._start(x, dims))
         else:
-            self._rows.append(_shifted_sums(x, self.shift))
+            if x.dtype != self._dtype:  # a stream that changes dtype: the first one's
+                x = x.to(self._dtype)
+            if self._kernel:
+                self._rows.append(torch.batch_norm_update_stats(x, None, None, 0.0))
+            else:
+                self._rows.append(_shifted_sums(x, self.shift))
         self._sizes.append(n)
         if len(self._sizes) == self.FOLD:
             self.flush()
@@ -334,17 +339,19 @@ class ChannelMoments:
 
     def population_var(self) -> torch.Tensor:
         """``M2 / n``: the population (biased) variance of everything seen."""
-        assert self.m2 is not None
-        return self.m2 / self.count
+        m2 = self.m2
+        assert m2 is not None
+        return m2 / self.count
 
     def unbiased_var(self) -> torch.Tensor:
         """``M2 / (n - 1)``: what torch stores as ``running_var``."""
-        assert self.m2 is not None
+        m2 = self.m2
+        assert m2 is not None
         if self.count < 2:
             raise ValidationError(
                 f"recalibration needs at least 2 values per channel; got {self.count}"
             )
-        return self.m2 / (self.count - 1)
+        return m2 / (self.count - 1)
 
     def var_rel_se(self) -> torch.Tensor | None:
         """Relative standard error of :meth:`population_var` per channel, from the spread
