@@ -7,11 +7,12 @@ whole, pass k up to the last BN of depth k: measured here by running the same tr
 forwards bare); likewise ``diagnose`` with its default dropout-on pass against a bare eval
 pass plus a bare training-mode pass. Peak traced memory of ``diagnose`` for 4, 16 and 64
 batches (the same batches repeated) shows it does not grow with the data once the accumulators'
-block of batches is full.
+block of batches is full. The MLP is timed in several fresh processes (:func:`time_in_processes`).
 
 Usage::
 
-    python bench/bench_torch.py [--rounds 5] [--threads N] [--output bench/results_torch.md]
+    python bench/bench_torch.py [--rounds 5] [--processes 5] [--threads N]
+                                [--output bench/results_torch.md]
 
 ``make bench`` runs it (when torch is installed) and writes ``bench/results_torch.md``.
 """
@@ -20,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -132,12 +136,25 @@ def peak_memory(model: nn.Module, batches: list[Any]) -> int:
     return peak
 
 
-def measure(
-    name: str, model: nn.Module, shape: tuple[int, ...], rounds: int, samples: int = SAMPLES
-) -> list[str]:
-    """Rows of the result table for one model."""
+def _batches(shape: tuple[int, ...], samples: int) -> list[Any]:
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn((BATCH, *shape), generator=gen) for _ in range(samples // BATCH)]
+    return [torch.randn((BATCH, *shape), generator=gen) for _ in range(samples // BATCH)]
+
+
+#: model name → (constructor, input shape, samples)
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
+    "MLP 4×512": (mlp, (256,), SAMPLES),
+    "CNN 3 blocks": (cnn, (3, 32, 32), 1024),
+}
+
+
+def time_rounds(name: str, rounds: int) -> dict[str, list[float]]:
+    """Wall times of every measured function over ``rounds`` interleaved rounds, in this
+    process: the model built and warmed here."""
+    make, shape, samples = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    batches = _batches(shape, samples)
     _warm(model, batches)
     fns: dict[str, Callable[[], Any]] = {
         "floor": lambda: bare_pass(model, batches),
@@ -152,15 +169,45 @@ def measure(
     t = interleaved(fns, rounds)
     # the two passes diagnose runs by default, done bare in the same round
     t["both"] = [a + b for a, b in zip(t["floor"], t["train"], strict=True)]
+    return t
+
+
+def time_in_processes(name: str, rounds: int, processes: int, threads: int | None) -> list[Any]:
+    """:func:`time_rounds` in ``processes`` fresh interpreters, one after the other.
+
+    On the 2-core VM this was written on, a short pass costs a different amount in different
+    processes running the same code: single-pass ``recalibrate`` against the bare pass, 40
+    interleaved rounds in each of five processes, gave medians 1.25, 1.26, 1.38, 1.51 and
+    1.48 (2026-11-29), each steady within its process. One process's median is then a draw,
+    not the cost; several show the spread.
+    """
+    out = []
+    for _ in range(processes):
+        cmd = [sys.executable, __file__, "--worker", name, "--rounds", str(rounds)]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out.append(json.loads(done.stdout))
+    return out
+
+
+def measure(name: str, runs: list[dict[str, list[float]]]) -> list[str]:
+    """Rows of the result table for one model timed in one or more processes."""
     rows = []
 
     def row(what: str, key: str, reference: str, target: str) -> None:
-        # ratio of the same round (same load), median and range over rounds; times: best
-        ratios = sorted(a / b for a, b in zip(t[key], t[reference], strict=True))
-        spread = f"{ratios[0]:.2f}–{ratios[-1]:.2f}"
+        # ratios of the same round (same load); per process the median, then the median of
+        # those over processes, their range, and the range over every round; times: best
+        per = [sorted(a / b for a, b in zip(t[key], t[reference], strict=True)) for t in runs]
+        medians = sorted(statistics.median(r) for r in per)
+        every = sorted(x for r in per for x in r)
+        best = min(min(t[key]) for t in runs)
+        best_ref = min(min(t[reference]) for t in runs)
+        shown = " / ".join(f"{m:.2f}" for m in medians)
         rows.append(
-            f"| {name} | {what} | {min(t[key]) * 1e3:.1f} ms | {min(t[reference]) * 1e3:.1f} ms "
-            f"| {statistics.median(ratios):.2f}× | {spread} | {target} |"
+            f"| {name} | {what} | {best * 1e3:.1f} ms | {best_ref * 1e3:.1f} ms "
+            f"| {statistics.median(medians):.2f}× | {shown} | {every[0]:.2f}–{every[-1]:.2f} "
+            f"| {target} |"
         )
 
     row("diagnose (dropout-on pass off) vs bare eval pass", "diagnose", "floor", "≤ 1.3×")
@@ -172,7 +219,9 @@ def measure(
     )
     row("diagnose with the dropout-on pass vs bare eval pass", "diagnose2", "floor", "info")
     row("recalibrate single-pass vs bare eval pass", "single", "floor", "≤ 1.3×")
-    if "work" in t:
+    make, shape, _ = MODELS[name]
+    model = make()
+    if "work" in runs[0]:
         row("recalibrate topological vs its passes' forward work", "topological", "work", "≤ 1.3×")
         depths = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         row(
@@ -186,7 +235,9 @@ def measure(
     # data held), three peaks each: flat means the growth from 16 to 64 batches lies within the
     # spread of repeated peaks of one size (one peak varies by tens of kB: caches, lazy work).
     fold = _BatchSums.FOLD
-    base = batches[:4]
+    base = _batches(shape, 4 * BATCH)
+    _warm(model, base)
+    diagnose(model, base, dropout_on=False)  # first-call work (caches, lazy imports) done
     sizes = {n: base * (n // len(base)) for n in (4, 16, 64)}
     peaks = {n: [peak_memory(model, v) for _ in range(3)] for n, v in sizes.items()}
     best = {n: min(v) for n, v in peaks.items()}
@@ -195,11 +246,11 @@ def measure(
     kib = [f"{best[n] / 1024:.1f}" for n in sizes]
     rows.append(
         f"| {name} | diagnose peak traced heap, 4 / 16 / 64 batches (block of {fold}) "
-        f"| {' / '.join(kib)} KiB | | | | info |"
+        f"| {' / '.join(kib)} KiB | | | | | info |"
     )
     rows.append(
         f"| {name} | heap growth from 16 to 64 batches vs spread of repeated peaks "
-        f"| {growth / 1024:+.1f} KiB | ±{spread / 1024:.1f} KiB | | "
+        f"| {growth / 1024:+.1f} KiB | ±{spread / 1024:.1f} KiB | | | "
         f"| within the spread: {abs(growth) <= spread} |"
     )
     return rows
@@ -209,28 +260,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--processes", type=int, default=5, help="Fresh processes timing the MLP (default 5)."
+    )
     parser.add_argument("--output", type=Path, default=None, help="Also write the table here.")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    if args.worker is not None:  # one process's times, as JSON on stdout
+        print(json.dumps(time_rounds(args.worker, args.rounds)))
+        return
     load_before = os.getloadavg()
     lines = [
-        "| model | measurement | time (best) | reference (best) | ratio (median) | ratio range "
-        "| target |",
-        "|---|---|---|---|---|---|---|",
+        "| model | measurement | time (best) | reference (best) | ratio (median) "
+        "| per-process medians | ratio range (rounds) | target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    # The MLP's passes last ~0.1 s, where a scheduler hiccup is a large share: 4× the rounds.
-    lines += measure("MLP 4×512", mlp(), (256,), 4 * args.rounds)
-    lines += measure("CNN 3 blocks", cnn(), (3, 32, 32), args.rounds, 1024)
+    # The MLP's passes last ~0.1 s, where a scheduler hiccup is a large share: 4× the rounds,
+    # in several processes (time_in_processes). The CNN's 2 s passes: one process.
+    mlp_rounds = 4 * args.rounds
+    runs = time_in_processes("MLP 4×512", mlp_rounds, args.processes, args.threads)
+    lines += measure("MLP 4×512", runs)
+    lines += measure("CNN 3 blocks", [time_rounds("CNN 3 blocks", args.rounds)])
     load_after = os.getloadavg()
     head = [
         f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} CPUs, {4 * args.rounds} (MLP) and {args.rounds} (CNN) interleaved "
-        "rounds; load average (1 min) "
+        f"{os.cpu_count()} CPUs; MLP: {args.processes} processes × {mlp_rounds} interleaved "
+        f"rounds, CNN: 1 process × {args.rounds} rounds; load average (1 min) "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after.",
-        "Ratios are taken within a round (same load) and summarised over rounds: the median "
-        "and the range.",
+        "Ratios are taken within a round (same load). Per process, their median; the ratio "
+        "column gives the median of those over processes, then each process's median, then "
+        "the range over every round.",
         "",
     ]
     text = "\n".join(head + lines) + "\n"
