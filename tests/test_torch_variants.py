@@ -37,7 +37,7 @@ class Tied(nn.Module):
         return self.head(x) * self.scale + self.cache
 
 
-def _bench_mlp() -> Any:
+def _small_mlp() -> Any:
     return nn.Sequential(
         nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.BatchNorm1d(16), nn.Linear(16, 3)
     )
@@ -113,7 +113,7 @@ def _assert_same_as_deepcopy(model: Any, made: Any) -> None:
 
 @pytest.mark.parametrize(
     ("make", "shape"),
-    [(_bench_mlp, (5, 8)), (_cnn, (5, 3, 6, 6)), (Tied, (5, 6))],
+    [(_small_mlp, (5, 8)), (_cnn, (5, 3, 6, 6)), (Tied, (5, 6))],
     ids=["mlp", "cnn", "user-class-tied"],
 )
 def test_plain_models_are_copied_directly_and_equal_deepcopy(make: Any, shape: Any) -> None:
@@ -135,31 +135,31 @@ def test_plain_models_are_copied_directly_and_equal_deepcopy(make: Any, shape: A
 
 
 def _with_hook() -> Any:
-    model = _bench_mlp()
+    model = _small_mlp()
     model[3].register_forward_pre_hook(lambda m, a: None)
     return model
 
 
 def _with_list_of_modules_attr() -> Any:
-    model = _bench_mlp()
+    model = _small_mlp()
     model.extra = [nn.ReLU()]  # a plain list attribute holding a module
     return model
 
 
 def _with_tensor_attr() -> Any:
-    model = _bench_mlp()
+    model = _small_mlp()
     model.table = torch.ones(3)  # a tensor that is neither parameter nor buffer
     return model
 
 
 def _with_view_buffer() -> Any:
-    model = _bench_mlp()
+    model = _small_mlp()
     model.register_buffer("part", model[3].running_var[:8])  # shares storage with a buffer
     return model
 
 
 def _with_grad() -> Any:
-    model = _bench_mlp()
+    model = _small_mlp()
     model(torch.randn(4, 8)).sum().backward()  # parameters' grad: not part of a deepcopy
     model.register_buffer("g", torch.ones(2, requires_grad=True))
     model.g.grad = torch.ones(2)  # a buffer with a gradient: deepcopy copies it
@@ -167,7 +167,7 @@ def _with_grad() -> Any:
 
 
 def _traced() -> Any:
-    return torch.fx.symbolic_trace(_bench_mlp())
+    return torch.fx.symbolic_trace(_small_mlp())
 
 
 def _lazy() -> Any:
